@@ -1,0 +1,254 @@
+//! The admin text protocol on the Gearman port, with gearmand 1.1.20's exact output formats so
+//! `gearadmin` and existing monitoring scripts parse it. Commands that change state are accepted
+//! only from `server.admin_networks`.
+
+use std::net::IpAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ipnet::IpNet;
+
+use crate::engine::Engine;
+
+/// What the connection should do after answering an admin command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAdmin {
+    Continue,
+    /// `shutdown`: stop the server (graceful: let connections finish what they hold).
+    Shutdown {
+        graceful: bool,
+    },
+}
+
+/// gearmand's error style: `ERR CODE text+with+plus+for+spaces`.
+fn err(out: &mut BytesMut, code: &str, text: &str) {
+    out.put_slice(b"ERR ");
+    out.put_slice(code.as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(text.replace(' ', "+").as_bytes());
+    out.put_slice(b"\r\n");
+}
+
+/// True when `ip` falls in one of the admin networks.
+pub fn is_admin(ip: IpAddr, networks: &[IpNet]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// Runs one admin line and appends its answer to `out`. Returns the command name (for metrics),
+/// whether it succeeded, and what to do next.
+pub fn execute(
+    engine: &Engine,
+    line: &Bytes,
+    from_admin_network: bool,
+    out: &mut BytesMut,
+) -> (&'static str, bool, AfterAdmin) {
+    let text = String::from_utf8_lossy(line);
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    let lower: Vec<String> = words
+        .iter()
+        .take(2)
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    let cmd = lower.first().map(String::as_str).unwrap_or("");
+    let sub = lower.get(1).map(String::as_str).unwrap_or("");
+    let restricted = |name: &'static str, out: &mut BytesMut| -> bool {
+        if !from_admin_network {
+            err(
+                out,
+                "PERMISSION_DENIED",
+                &format!("{name} is accepted only from server.admin_networks"),
+            );
+        }
+        !from_admin_network
+    };
+    match (cmd, sub) {
+        ("status", _) => {
+            for f in engine.function_stats() {
+                let total = f.queued.iter().sum::<u32>() + f.running;
+                line_tab(out, &f.name_bytes, &[total, f.running, f.workers]);
+            }
+            out.put_slice(b".\n");
+            ("status", true, AfterAdmin::Continue)
+        }
+        ("prioritystatus", _) => {
+            for f in engine.function_stats() {
+                line_tab(
+                    out,
+                    &f.name_bytes,
+                    &[f.queued[0], f.queued[1], f.queued[2], f.workers],
+                );
+            }
+            out.put_slice(b".\n");
+            ("prioritystatus", true, AfterAdmin::Continue)
+        }
+        ("workers", _) => {
+            for c in engine.connections() {
+                out.put_slice(format!("{} {} ", c.id, c.peer.ip()).as_bytes());
+                out.put_slice(&c.client_id);
+                out.put_slice(b" :");
+                for f in &c.functions {
+                    out.put_u8(b' ');
+                    out.put_slice(f);
+                }
+                out.put_u8(b'\n');
+            }
+            out.put_slice(b".\n");
+            ("workers", true, AfterAdmin::Continue)
+        }
+        ("show", "jobs") => {
+            for j in engine.jobs() {
+                out.put_slice(&j.handle);
+                let retries = j.attempts.saturating_sub(1);
+                out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
+            }
+            out.put_slice(b".\n");
+            ("show jobs", true, AfterAdmin::Continue)
+        }
+        ("show", "unique") if words.get(2).is_some_and(|w| w.eq_ignore_ascii_case("jobs")) => {
+            for u in engine.uniques() {
+                out.put_slice(&u);
+                out.put_u8(b'\n');
+            }
+            out.put_slice(b".\n");
+            ("show unique jobs", true, AfterAdmin::Continue)
+        }
+        ("maxqueue", _) => {
+            if restricted("maxqueue", out) {
+                return ("maxqueue", false, AfterAdmin::Continue);
+            }
+            let Some(func) = words.get(1) else {
+                err(
+                    out,
+                    "INVALID_ARGUMENTS",
+                    "An incomplete set of arguments was sent to this command maxqueue",
+                );
+                return ("maxqueue", false, AfterAdmin::Continue);
+            };
+            let nums: Result<Vec<u32>, _> = words[2..]
+                .iter()
+                .map(|w| w.parse::<i64>())
+                .map(|r| r.map(|v| v.clamp(0, u32::MAX as i64) as u32))
+                .collect();
+            let limits = match nums.as_deref() {
+                Ok([]) => [0, 0, 0],
+                Ok([n]) => [*n; 3],
+                Ok([h, n, l]) => [*h, *n, *l],
+                _ => {
+                    err(
+                        out,
+                        "INVALID_ARGUMENTS",
+                        "maxqueue FUNCTION [N | HIGH NORMAL LOW]",
+                    );
+                    return ("maxqueue", false, AfterAdmin::Continue);
+                }
+            };
+            match engine.set_max_queue(&Bytes::copy_from_slice(func.as_bytes()), limits) {
+                Ok(()) => out.put_slice(b"OK\r\n"),
+                Err(e) => err(out, e.code, &e.text),
+            }
+            ("maxqueue", true, AfterAdmin::Continue)
+        }
+        ("cancel", "job") => {
+            if restricted("cancel job", out) {
+                return ("cancel job", false, AfterAdmin::Continue);
+            }
+            let Some(h) = words.get(2) else {
+                err(out, "INVALID_ARGUMENTS", "cancel job HANDLE");
+                return ("cancel job", false, AfterAdmin::Continue);
+            };
+            match engine.cancel_job(&Bytes::copy_from_slice(h.as_bytes())) {
+                Ok(()) => out.put_slice(b"OK\r\n"),
+                Err(e) if e.code == "JOB_NOT_FOUND" => out.put_slice(b"ERR UNKNOWN_JOB\r\n"),
+                Err(e) => err(out, e.code, &e.text),
+            }
+            ("cancel job", true, AfterAdmin::Continue)
+        }
+        ("create", "function") | ("drop", "function") => {
+            let name = if cmd == "create" {
+                "create function"
+            } else {
+                "drop function"
+            };
+            if restricted(name, out) {
+                return (name, false, AfterAdmin::Continue);
+            }
+            let Some(f) = words.get(2) else {
+                err(out, "INVALID_ARGUMENTS", &format!("{name} FUNCTION"));
+                return (name, false, AfterAdmin::Continue);
+            };
+            let f = Bytes::copy_from_slice(f.as_bytes());
+            let r = if cmd == "create" {
+                engine.create_function(&f)
+            } else {
+                engine.drop_function(&f)
+            };
+            match r {
+                Ok(()) => out.put_slice(b"OK\r\n"),
+                Err(e) if e.code == "UNKNOWN_FUNCTION" => {
+                    out.put_slice(b"ERR function not found\r\n")
+                }
+                Err(e) => err(out, e.code, &e.text),
+            }
+            (name, true, AfterAdmin::Continue)
+        }
+        ("getpid", _) => {
+            out.put_slice(format!("OK {}\n", std::process::id()).as_bytes());
+            ("getpid", true, AfterAdmin::Continue)
+        }
+        ("version", _) => {
+            out.put_slice(format!("OK {}\n", env!("CARGO_PKG_VERSION")).as_bytes());
+            ("version", true, AfterAdmin::Continue)
+        }
+        ("verbose", _) => {
+            let level = tracing::level_filters::LevelFilter::current()
+                .to_string()
+                .to_uppercase();
+            out.put_slice(format!("OK {level}\n").as_bytes());
+            ("verbose", true, AfterAdmin::Continue)
+        }
+        ("shutdown", _) => {
+            if restricted("shutdown", out) {
+                return ("shutdown", false, AfterAdmin::Continue);
+            }
+            let graceful = sub == "graceful";
+            out.put_slice(b"OK\r\n");
+            tracing::warn!(graceful, "shutdown requested by admin command");
+            ("shutdown", true, AfterAdmin::Shutdown { graceful })
+        }
+        _ => {
+            out.put_slice(b"ERR UNKNOWN_COMMAND Unknown+server+command");
+            out.put_slice(words.first().unwrap_or(&"").as_bytes());
+            out.put_slice(b"\r\n");
+            ("unknown", false, AfterAdmin::Continue)
+        }
+    }
+}
+
+fn line_tab(out: &mut BytesMut, name: &[u8], nums: &[u32]) {
+    out.put_slice(name);
+    for n in nums {
+        out.put_u8(b'\t');
+        out.put_slice(itoa::Buffer::new().format(*n).as_bytes());
+    }
+    out.put_u8(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_networks_match_v4_mapped_addresses() {
+        let nets: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(is_admin("127.0.0.1".parse().unwrap(), &nets));
+        assert!(is_admin("::ffff:127.0.0.2".parse().unwrap(), &nets));
+        assert!(is_admin("::1".parse().unwrap(), &nets));
+        assert!(!is_admin("10.1.2.3".parse().unwrap(), &nets));
+    }
+}

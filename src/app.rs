@@ -1,0 +1,52 @@
+//! Wires configuration, engine, HTTP and the Gearman listener together. The binary and the
+//! integration tests both start the server through [`run`], with listeners they bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::http::{self, Health};
+use crate::metrics::Metrics;
+use crate::server;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server until `shutdown` is cancelled: recovery (when persistence is on), then the
+/// HTTP listener and the Gearman listener. Returns once connections are closed.
+pub async fn run(
+    cfg: Config,
+    gearman: TcpListener,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
+    let health = Arc::new(Health::default());
+    let engine = Engine::new(cfg.engine_config(), metrics, None);
+    tracing::info!(
+        listen = %gearman.local_addr()?,
+        http = %http_listener.local_addr()?,
+        node_id = %engine.config().node_id,
+        "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
+    );
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        engine.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    health.set_ready(true);
+    let server_cfg = Arc::new(cfg.server_config());
+    server::run(gearman, engine, server_cfg, shutdown.clone()).await?;
+    let grace = Duration::from_millis(cfg.server.shutdown_timeout_ms);
+    let _ = tokio::time::timeout(grace, http_task).await;
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
+//! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
+//! protocol.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+use crate::protocol::Priority;
+
+/// Liveness and readiness, shared by the server, the persistence layer and the HTTP handlers.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Set once recovery has completed and the Gearman port accepts clients.
+    ready: AtomicBool,
+    /// Why the server cannot take durable writes right now, if it cannot.
+    not_durable: Mutex<Option<String>>,
+    /// Extra JSON (memcached nodes and their state) provided by the persistence layer.
+    persistence: Mutex<Option<serde_json::Value>>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Records whether persistence can take writes (`None` = it can).
+    pub fn set_not_durable(&self, why: Option<String>) {
+        *self.not_durable.lock().expect("health lock") = why;
+    }
+
+    pub fn set_persistence_status(&self, v: serde_json::Value) {
+        *self.persistence.lock().expect("health lock") = Some(v);
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Engine,
+    health: Arc<Health>,
+}
+
+/// The HTTP routes.
+pub fn router(engine: Engine, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
+        .with_state(AppState { engine, health })
+}
+
+/// Serves the HTTP routes on an already-bound listener until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Engine,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(engine, health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Copies the engine's current state into the scrape-time gauges.
+pub fn refresh_gauges(engine: &Engine) {
+    let m = engine.metrics();
+    let stats = engine.function_stats();
+    // Functions folded into `__other__` share a label: sum them.
+    let mut by_label: BTreeMap<&str, ([i64; 3], i64, i64)> = BTreeMap::new();
+    for f in &stats {
+        let e = by_label.entry(f.label.as_str()).or_default();
+        for p in 0..3 {
+            e.0[p] += f.queued[p] as i64;
+        }
+        e.1 += f.running as i64;
+        e.2 += f.workers as i64;
+    }
+    m.fn_jobs.reset();
+    m.fn_running.reset();
+    m.fn_waiting.reset();
+    m.fn_workers.reset();
+    m.queue_depth.reset();
+    for (label, (q, running, workers)) in by_label {
+        let waiting: i64 = q.iter().sum();
+        m.fn_jobs.with_label_values(&[label]).set(waiting + running);
+        m.fn_running.with_label_values(&[label]).set(running);
+        m.fn_waiting.with_label_values(&[label]).set(waiting);
+        m.fn_workers.with_label_values(&[label]).set(workers);
+        for p in Priority::ALL {
+            m.queue_depth
+                .with_label_values(&[label, p.as_str()])
+                .set(q[p as usize]);
+        }
+    }
+    let t = engine.totals();
+    m.epoch_jobs_waiting.set(t.epoch_waiting as i64);
+    m.clients_connected.set(t.clients as i64);
+    m.workers_connected.set(t.workers as i64);
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    refresh_gauges(&s.engine);
+    let body = s.engine.metrics().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if !s.health.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: recovery has not completed\n",
+        )
+            .into_response();
+    }
+    if let Some(why) = s.health.not_durable.lock().expect("health lock").clone() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
+}
+
+async fn status(State(s): State<AppState>) -> Response {
+    let functions: Vec<serde_json::Value> = s
+        .engine
+        .function_stats()
+        .into_iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "queued": { "high": f.queued[0], "normal": f.queued[1], "low": f.queued[2] },
+                "running": f.running,
+                "scheduled": f.scheduled,
+                "workers": f.workers,
+            })
+        })
+        .collect();
+    let t = s.engine.totals();
+    let persistence = s.health.persistence.lock().expect("health lock").clone();
+    Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_id": s.engine.config().node_id,
+        "ready": s.health.is_ready(),
+        "jobs": t.jobs,
+        "connections": t.connections,
+        "clients": t.clients,
+        "workers": t.workers,
+        "functions": functions,
+        "persistence": persistence.unwrap_or(serde_json::json!({ "enabled": false })),
+    }))
+    .into_response()
+}

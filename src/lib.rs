@@ -1,0 +1,21 @@
+//! gearhouse: a Gearman job server.
+//!
+//! The path of a job, one module per layer:
+//! - [`server`]: sockets; one task per connection, owning its framing and write buffer.
+//! - [`codec`]: bytes ↔ frames (binary packets and admin text lines), with size limits.
+//! - [`protocol`]: frames ↔ typed requests, argument checks, `ERROR` codes.
+//! - [`engine`]: requests → state changes: jobs, queues, priorities, coalescing, workers, timers.
+//! - [`admin`]: the admin text protocol (gearmand's formats) over the engine's snapshots.
+//! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
+//! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
+//! - [`app`]: wires the pieces together for the binary and for tests.
+
+pub mod admin;
+pub mod app;
+pub mod codec;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,285 @@
+//! Prometheus metrics: one registry per server, counters and histograms updated on the job path,
+//! and gauges filled from an engine snapshot at scrape time.
+//!
+//! Function names come from clients, so the number of distinct `function` label values is capped
+//! ([`FunctionLabels`]); functions past the cap share the label `__other__`.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::codec::PacketType;
+use crate::protocol::Priority;
+
+/// The label value that functions past the label cap share.
+pub const OTHER_FUNCTION: &str = "__other__";
+
+/// Buckets for queue wait and run times: 50 µs to 5 minutes, so sub-millisecond waits resolve.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Every metric the server exports, registered on its own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    labels: Mutex<FunctionLabels>,
+    pub jobs_submitted: IntCounterVec,
+    pub jobs_completed: IntCounterVec,
+    pub jobs_failed: IntCounterVec,
+    pub jobs_exceptions: IntCounterVec,
+    pub jobs_retried: IntCounterVec,
+    pub jobs_coalesced: IntCounterVec,
+    pub jobs_refused: IntCounterVec,
+    pub job_queued_seconds: HistogramVec,
+    pub job_running_seconds: HistogramVec,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub connections_refused: IntCounter,
+    pub connections_overflowed: IntCounter,
+    pub packets_in: IntCounterVec,
+    /// `packets_in` resolved per packet type (indexed by type number) to keep lookups off the hot path.
+    packets_in_by_type: Vec<IntCounter>,
+    pub packets_out: IntCounter,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub protocol_errors: IntCounterVec,
+    pub admin_commands: IntCounterVec,
+    // Gauges filled from the engine at scrape time (names kept from the gearmand exporter).
+    pub up: IntGauge,
+    pub version_info: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+    pub fn_jobs: IntGaugeVec,
+    pub fn_running: IntGaugeVec,
+    pub fn_waiting: IntGaugeVec,
+    pub fn_workers: IntGaugeVec,
+    pub queue_depth: IntGaugeVec,
+    pub epoch_jobs_waiting: IntGauge,
+    pub clients_connected: IntGauge,
+    pub workers_connected: IntGauge,
+    pub function_labels_folded: IntGauge,
+}
+
+/// Per-function handles, resolved once when a function is first seen so the job path does no
+/// label lookups.
+#[derive(Clone)]
+pub struct FunctionMetrics {
+    pub label: String,
+    /// Indexed by priority, then background (0 = foreground).
+    pub submitted: [[IntCounter; 2]; 3],
+    pub completed: IntCounter,
+    pub failed: IntCounter,
+    pub exceptions: IntCounter,
+    pub retried: IntCounter,
+    pub coalesced: IntCounter,
+    pub queued_seconds: Histogram,
+    pub running_seconds: Histogram,
+}
+
+/// Caps the number of distinct function label values.
+#[derive(Debug)]
+pub struct FunctionLabels {
+    cap: usize,
+    seen: HashSet<String>,
+    folded: u64,
+}
+
+impl FunctionLabels {
+    pub fn new(cap: usize) -> Self {
+        FunctionLabels {
+            cap,
+            seen: HashSet::new(),
+            folded: 0,
+        }
+    }
+
+    /// The label value for a function name: the name while under the cap, else `__other__`.
+    pub fn label_for(&mut self, name: &[u8]) -> String {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if self.seen.contains(&name) {
+            return name;
+        }
+        if self.seen.len() < self.cap {
+            self.seen.insert(name.clone());
+            return name;
+        }
+        self.folded += 1;
+        OTHER_FUNCTION.to_string()
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    /// Registers every metric; `function_label_cap` bounds distinct `function` label values.
+    pub fn new(function_label_cap: usize) -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector");
+        let fpm = &["function", "priority", "mode"];
+        let packets_in = counter_vec(
+            &r,
+            "gearhouse_packets_received_total",
+            "Packets received, by type",
+            &["type"],
+        );
+        let packets_in_by_type = (0..=42u32)
+            .map(|n| {
+                let name = PacketType::try_from(n)
+                    .map(|t| t.name())
+                    .unwrap_or("UNKNOWN");
+                packets_in.with_label_values(&[name])
+            })
+            .collect();
+        let f = &["function"];
+        let m = Metrics {
+            labels: Mutex::new(FunctionLabels::new(function_label_cap)),
+            jobs_submitted: counter_vec(&r, "gearhouse_jobs_submitted_total", "Jobs accepted, by function, priority and mode (foreground/background); coalesced submits not included", fpm),
+            jobs_completed: counter_vec(&r, "gearhouse_jobs_completed_total", "Jobs a worker completed (WORK_COMPLETE)", f),
+            jobs_failed: counter_vec(&r, "gearhouse_jobs_failed_total", "Jobs that failed (WORK_FAIL, or dropped after job_retries attempts)", f),
+            jobs_exceptions: counter_vec(&r, "gearhouse_jobs_exceptions_total", "Jobs that ended with WORK_EXCEPTION", f),
+            jobs_retried: counter_vec(&r, "gearhouse_jobs_retried_total", "Jobs put back in the queue after their worker disconnected, timed out or gave up the function", f),
+            jobs_coalesced: counter_vec(&r, "gearhouse_jobs_coalesced_total", "Submits that joined an existing job with the same unique id", f),
+            jobs_refused: counter_vec(&r, "gearhouse_jobs_refused_total", "Submits refused with an ERROR, by reason", &["function", "reason"]),
+            job_queued_seconds: histogram_vec(&r, "gearhouse_job_queued_seconds", "Time from submit (or requeue) to assignment to a worker", f),
+            job_running_seconds: histogram_vec(&r, "gearhouse_job_running_seconds", "Time from assignment to the worker's final result", f),
+            connections: gauge(&r, "gearhouse_connections", "Open connections"),
+            connections_total: counter(&r, "gearhouse_connections_accepted_total", "Connections accepted"),
+            connections_refused: counter(&r, "gearhouse_connections_refused_total", "Connections closed at once because server.max_connections was reached"),
+            connections_overflowed: counter(&r, "gearhouse_connections_overflowed_total", "Connections closed because they did not read their packets (server.outbound_queue full)"),
+            packets_in,
+            packets_in_by_type,
+            packets_out: counter(&r, "gearhouse_packets_sent_total", "Packets sent"),
+            bytes_in: counter(&r, "gearhouse_bytes_received_total", "Bytes received"),
+            bytes_out: counter(&r, "gearhouse_bytes_sent_total", "Bytes sent"),
+            protocol_errors: counter_vec(&r, "gearhouse_protocol_errors_total", "Requests refused or connections closed for bad input, by kind", &["kind"]),
+            admin_commands: counter_vec(&r, "gearhouse_admin_commands_total", "Admin text commands, by command and outcome", &["command", "outcome"]),
+            up: gauge(&r, "gearman_up", "1 while the server answers"),
+            version_info: gauge_vec(&r, "gearman_version_info", "Server version", &["version"]),
+            build_info: gauge_vec(&r, "gearhouse_build_info", "Build information", &["version", "rustc"]),
+            fn_jobs: gauge_vec(&r, "gearman_jobs", "Jobs queued or running, by function (as the gearmand exporter)", f),
+            fn_running: gauge_vec(&r, "gearman_jobs_running", "Jobs running, by function", f),
+            fn_waiting: gauge_vec(&r, "gearman_jobs_waiting", "Jobs waiting for a worker, by function", f),
+            fn_workers: gauge_vec(&r, "gearman_workers", "Workers that can do the function", f),
+            queue_depth: gauge_vec(&r, "gearhouse_queue_depth", "Jobs waiting, by function and priority", &["function", "priority"]),
+            epoch_jobs_waiting: gauge(&r, "gearhouse_epoch_jobs_waiting", "Epoch jobs waiting for their time"),
+            clients_connected: gauge(&r, "gearhouse_clients_connected", "Connections that submitted jobs or asked for status"),
+            workers_connected: gauge(&r, "gearhouse_workers_connected", "Connections that registered at least one function"),
+            function_labels_folded: gauge(&r, "gearhouse_function_labels_folded", "Functions whose label was folded into __other__ (metrics.max_function_labels)"),
+            registry: r,
+        };
+        m.up.set(1);
+        m.version_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m.build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("RUSTC_VERSION").unwrap_or("unknown"),
+            ])
+            .set(1);
+        m
+    }
+
+    /// Resolves the metric handles of a function seen for the first time.
+    pub fn for_function(&self, name: &[u8]) -> FunctionMetrics {
+        let label = {
+            let mut l = self.labels.lock().expect("labels lock");
+            let label = l.label_for(name);
+            self.function_labels_folded.set(l.folded as i64);
+            label
+        };
+        let sub = |p: Priority, mode: &str| {
+            self.jobs_submitted
+                .with_label_values(&[label.as_str(), p.as_str(), mode])
+        };
+        let one = |v: &IntCounterVec| v.with_label_values(&[label.as_str()]);
+        FunctionMetrics {
+            submitted: Priority::ALL.map(|p| [sub(p, "foreground"), sub(p, "background")]),
+            completed: one(&self.jobs_completed),
+            failed: one(&self.jobs_failed),
+            exceptions: one(&self.jobs_exceptions),
+            retried: one(&self.jobs_retried),
+            coalesced: one(&self.jobs_coalesced),
+            queued_seconds: self.job_queued_seconds.with_label_values(&[label.as_str()]),
+            running_seconds: self
+                .job_running_seconds
+                .with_label_values(&[label.as_str()]),
+            label,
+        }
+    }
+
+    /// Counts a received packet.
+    pub fn packet_in(&self, kind: PacketType) {
+        self.packets_in_by_type[kind as usize].inc();
+    }
+
+    /// Counts a refused submit.
+    pub fn refused(&self, label: &str, reason: &str) {
+        self.jobs_refused.with_label_values(&[label, reason]).inc();
+    }
+
+    /// Encodes every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf8 metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_labels_fold_past_the_cap() {
+        let mut l = FunctionLabels::new(2);
+        assert_eq!(l.label_for(b"a"), "a");
+        assert_eq!(l.label_for(b"b"), "b");
+        assert_eq!(l.label_for(b"c"), OTHER_FUNCTION);
+        assert_eq!(l.label_for(b"a"), "a");
+        assert_eq!(l.folded, 1);
+    }
+}

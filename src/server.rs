@@ -1,0 +1,333 @@
+//! Sockets: the accept loop and one task per connection. A connection task owns its socket, its
+//! framing state and its write buffer; it turns frames into engine calls, writes the engine's
+//! answers, and forwards packets other connections produced for it, coalescing writes so one
+//! syscall carries many packets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, SinkExt, StreamExt};
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AfterAdmin};
+use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
+use crate::engine::{put_error, ConnId, Engine};
+use crate::protocol::{ArgLimits, ProtocolError, Request};
+
+/// Connection-level settings (see `config/default.toml`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_packet_size: usize,
+    pub max_admin_line: usize,
+    pub max_connections: usize,
+    /// Packets other connections may queue for one connection before it is closed as too slow.
+    pub outbound_queue: usize,
+    /// Time a started frame may take to arrive completely (slow-drip protection).
+    pub frame_timeout: Duration,
+    pub limits: ArgLimits,
+    pub admin_networks: Vec<IpNet>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_packet_size: 16 << 20,
+            max_admin_line: 4096,
+            max_connections: 10_000,
+            outbound_queue: 4096,
+            frame_timeout: Duration::from_secs(60),
+            limits: ArgLimits {
+                max_function: 512,
+                max_unique: 1024,
+                max_client_id: 256,
+            },
+            admin_networks: vec![
+                "127.0.0.0/8".parse().expect("net"),
+                "::1/128".parse().expect("net"),
+            ],
+        }
+    }
+}
+
+/// Most frames handled before the write buffer is flushed, so one busy peer cannot starve its
+/// own replies.
+const FRAMES_PER_FLUSH: usize = 256;
+
+/// Serves Gearman on an already-bound listener until `shutdown` is cancelled, then stops
+/// accepting, closes connections after their pending writes, and returns.
+pub async fn run(
+    listener: TcpListener,
+    engine: Engine,
+    cfg: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let tracker = TaskTracker::new();
+    tracker.spawn(engine.clone().run_timers(shutdown.clone()));
+    let metrics = engine.metrics().clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        metrics.connections_total.inc();
+        if metrics.connections.get() as usize >= cfg.max_connections {
+            metrics.connections_refused.inc();
+            tracing::warn!(%peer, max = cfg.max_connections, "refusing connection: server.max_connections reached");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
+        tracker.spawn(conn.serve(shutdown.clone()));
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+struct Connection {
+    id: ConnId,
+    peer: SocketAddr,
+    engine: Engine,
+    cfg: Arc<ServerConfig>,
+    framed: Framed<TcpStream, GearmanCodec>,
+    rx: mpsc::Receiver<Bytes>,
+    kill: CancellationToken,
+    server_shutdown: CancellationToken,
+    is_admin: bool,
+}
+
+/// Why a connection loop ended.
+enum Close {
+    Peer,
+    Killed,
+    Framing(CodecError),
+    Timeout,
+    Shutdown,
+}
+
+impl Connection {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        engine: Engine,
+        cfg: Arc<ServerConfig>,
+        server_shutdown: CancellationToken,
+    ) -> Self {
+        let kill = server_shutdown.child_token();
+        let (tx, rx) = mpsc::channel(cfg.outbound_queue.max(1));
+        let id = engine.connect(peer, tx, kill.clone());
+        let codec = GearmanCodec::new(cfg.max_packet_size, cfg.max_admin_line);
+        let is_admin = admin::is_admin(peer.ip(), &cfg.admin_networks);
+        Connection {
+            id,
+            peer,
+            engine,
+            cfg,
+            framed: Framed::with_capacity(stream, codec, 16 * 1024),
+            rx,
+            kill,
+            server_shutdown,
+            is_admin,
+        }
+    }
+
+    async fn serve(mut self, shutdown: CancellationToken) {
+        let metrics = self.engine.metrics().clone();
+        metrics.connections.inc();
+        tracing::debug!(conn = self.id, peer = %self.peer, "connected");
+        let why = self.run(&shutdown).await;
+        match &why {
+            Close::Framing(e) => {
+                metrics.protocol_errors.with_label_values(&[e.kind()]).inc();
+                if !matches!(e, CodecError::Io(_)) {
+                    tracing::info!(conn = self.id, peer = %self.peer, error = %e, "closing connection: bad input");
+                    let mut b = BytesMut::new();
+                    put_error(&mut b, &ProtocolError::new(e.code(), e.to_string()));
+                    let _ = self.framed.send(b.freeze()).await;
+                }
+            }
+            Close::Timeout => {
+                metrics
+                    .protocol_errors
+                    .with_label_values(&["frame_timeout"])
+                    .inc();
+                tracing::info!(conn = self.id, peer = %self.peer, "closing connection: frame not completed within server.frame_timeout_ms");
+            }
+            Close::Killed | Close::Shutdown | Close::Peer => {}
+        }
+        // Whatever is already buffered for the peer still goes out.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.framed.flush()).await;
+        self.engine.disconnect(self.id);
+        metrics.connections.dec();
+        tracing::debug!(conn = self.id, "disconnected");
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> Close {
+        let mut partial_since: Option<tokio::time::Instant> = None;
+        loop {
+            let mid = self.framed.codec().is_mid_frame(self.framed.read_buffer());
+            partial_since = if mid {
+                partial_since.or(Some(tokio::time::Instant::now()))
+            } else {
+                None
+            };
+            let deadline = partial_since.map(|t| t + self.cfg.frame_timeout);
+            let timeout = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.kill.cancelled() => {
+                    return if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed };
+                }
+                frame = self.framed.next() => {
+                    let Some(frame) = frame else { return Close::Peer };
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => return Close::Framing(e),
+                    };
+                    if let Some(close) = self.handle(frame) {
+                        return close;
+                    }
+                    // Handle whatever else is already readable, then write once.
+                    for _ in 0..FRAMES_PER_FLUSH {
+                        match self.framed.next().now_or_never() {
+                            Some(Some(Ok(f))) => {
+                                if let Some(close) = self.handle(f) {
+                                    return close;
+                                }
+                            }
+                            Some(Some(Err(e))) => return Close::Framing(e),
+                            Some(None) => return Close::Peer,
+                            None => break,
+                        }
+                    }
+                    self.drain_outbound();
+                    if self.flush().await.is_err() {
+                        return Close::Peer;
+                    }
+                }
+                Some(pkt) = self.rx.recv() => {
+                    self.push_out(pkt);
+                    self.drain_outbound();
+                    if self.flush().await.is_err() {
+                        return Close::Peer;
+                    }
+                }
+                _ = timeout => return Close::Timeout,
+            }
+        }
+    }
+
+    fn push_out(&mut self, pkt: Bytes) {
+        self.engine.metrics().packets_out.inc();
+        self.framed.write_buffer_mut().extend_from_slice(&pkt);
+    }
+
+    fn drain_outbound(&mut self) {
+        for _ in 0..FRAMES_PER_FLUSH {
+            match self.rx.try_recv() {
+                Ok(p) => self.push_out(p),
+                Err(_) => break,
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let n = self.framed.write_buffer().len();
+        if n == 0 {
+            return Ok(());
+        }
+        self.engine.metrics().bytes_out.inc_by(n as u64);
+        self.framed.flush().await.map_err(|e| match e {
+            CodecError::Io(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+
+    /// Handles one frame; `Some` ends the connection.
+    fn handle(&mut self, frame: Frame) -> Option<Close> {
+        let metrics = self.engine.metrics().clone();
+        match frame {
+            Frame::Admin(line) => {
+                metrics.bytes_in.inc_by(line.len() as u64 + 1);
+                let out = self.framed.write_buffer_mut();
+                let (cmd, ok, after) = admin::execute(&self.engine, &line, self.is_admin, out);
+                metrics
+                    .admin_commands
+                    .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
+                    .inc();
+                if let AfterAdmin::Shutdown { .. } = after {
+                    self.server_shutdown.cancel();
+                }
+                None
+            }
+            Frame::Packet(p) => {
+                metrics.bytes_in.inc_by((HEADER_LEN + p.body.len()) as u64);
+                metrics.packet_in(p.kind);
+                let req = match Request::parse(&p, &self.cfg.limits) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        metrics.protocol_errors.with_label_values(&[e.code]).inc();
+                        tracing::debug!(conn = self.id, error = %e, "refused request");
+                        put_error(self.framed.write_buffer_mut(), &e);
+                        return None;
+                    }
+                };
+                self.dispatch(req);
+                None
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: Request) {
+        let id = self.id;
+        let engine = &self.engine;
+        let out = self.framed.write_buffer_mut();
+        match req {
+            Request::CanDo {
+                function,
+                timeout_ms,
+            } => {
+                if let Err(e) = engine.can_do(id, &function, timeout_ms) {
+                    put_error(out, &e);
+                }
+            }
+            Request::CantDo { function } => engine.cant_do(id, &function),
+            Request::ResetAbilities => engine.reset_abilities(id),
+            Request::PreSleep => engine.pre_sleep(id, out),
+            Request::Submit(s) => {
+                engine.submit(id, s, out);
+            }
+            Request::Grab(kind) => engine.grab(id, kind, out),
+            Request::Work { kind, handle, body } => engine.work(id, kind, &handle, &body, out),
+            Request::GetStatus { handle } => engine.get_status(&handle, out),
+            Request::GetStatusUnique { unique } => engine.get_status_unique(&unique, out),
+            Request::Echo { data } => put_response(out, PacketType::ECHO_RES, &[&data]),
+            Request::SetClientId { id: cid } => engine.set_client_id(id, cid),
+            Request::Option { name } => match engine.set_option(id, &name) {
+                Ok(()) => put_response(out, PacketType::OPTION_RES, &[&name]),
+                Err(e) => put_error(out, &e),
+            },
+            Request::AllYours => {}
+        }
+    }
+}
