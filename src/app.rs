@@ -30,7 +30,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
-    let engine = Engine::new(cfg.engine_config(), metrics, None);
+    let engine = Engine::new(cfg.engine_config(), metrics, None, None);
     tracing::info!(
         listen = %gearman.local_addr()?,
         http = %http_listener.local_addr()?,

@@ -82,6 +82,71 @@ pub trait Mirror: Send + Sync + 'static {
     fn delete(&self, seq: u64);
 }
 
+/// How a job ended, for observers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Complete,
+    Fail,
+    Exception,
+    /// Cancelled by `cancel job`, or a foreground job whose clients all left before it ran.
+    Cancelled,
+    /// Dropped after `engine.job_retries` attempts.
+    Dropped,
+    /// Its durable write failed: the client got ERROR QUEUE_ERROR.
+    Refused,
+}
+
+impl JobOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobOutcome::Complete => "complete",
+            JobOutcome::Fail => "fail",
+            JobOutcome::Exception => "exception",
+            JobOutcome::Cancelled => "cancelled",
+            JobOutcome::Dropped => "dropped",
+            JobOutcome::Refused => "refused",
+        }
+    }
+}
+
+/// A connection as observers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerInfo<'a> {
+    pub conn: ConnId,
+    pub peer: SocketAddr,
+    /// SET_CLIENT_ID value, `-` when none was set.
+    pub client_id: &'a [u8],
+}
+
+/// A new job, as observers see it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobEvent<'a> {
+    pub seq: u64,
+    pub handle: &'a [u8],
+    pub function: &'a [u8],
+    pub unique: &'a [u8],
+    pub priority: Priority,
+    pub background: bool,
+    pub client: Option<PeerInfo<'a>>,
+}
+
+/// Follows each job through its life (the tracing layer implements it). Called with the engine
+/// lock held: implementations must only record and hand work to a task, never block.
+pub trait JobObserver: Send + Sync + 'static {
+    /// A new job was accepted (coalesced submits join an existing job and are not reported).
+    fn submitted(&self, job: &JobEvent<'_>);
+    /// The job entered a queue, where workers can take it (after its durable write, its epoch,
+    /// or a requeue).
+    fn queued(&self, seq: u64);
+    /// A worker took the job; `attempt` counts from 1.
+    fn assigned(&self, seq: u64, attempt: u32, worker: &PeerInfo<'_>);
+    /// The attempt in progress ended without a result; the job goes back to the queue or is
+    /// dropped (then `finished(Dropped)` follows).
+    fn requeued(&self, seq: u64, reason: &str);
+    /// The job is gone.
+    fn finished(&self, seq: u64, outcome: JobOutcome);
+}
+
 /// Cloneable handle to the engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -99,6 +164,7 @@ struct Shared {
     timer_wake: Notify,
     metrics: Arc<Metrics>,
     mirror: Option<Arc<dyn Mirror>>,
+    observer: Option<Arc<dyn JobObserver>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +380,12 @@ fn send(conn: &Conn, pkt: Bytes, droppable: bool, metrics: &Metrics) {
 
 impl Engine {
     /// A new engine; `mirror` is the durable store, if persistence is on.
-    pub fn new(cfg: EngineConfig, metrics: Arc<Metrics>, mirror: Option<Arc<dyn Mirror>>) -> Self {
+    pub fn new(
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        mirror: Option<Arc<dyn Mirror>>,
+        observer: Option<Arc<dyn JobObserver>>,
+    ) -> Self {
         let handle_prefix = Bytes::from(format!("H:{}:", cfg.node_id));
         Engine {
             shared: Arc::new(Shared {
@@ -336,6 +407,7 @@ impl Engine {
                 timer_wake: Notify::new(),
                 metrics,
                 mirror,
+                observer,
             }),
         }
     }
@@ -427,7 +499,7 @@ impl Engine {
                 && job.waiters().is_empty()
                 && matches!(job.state, JobState::Queued | JobState::Scheduled);
             if orphan {
-                self.remove_job(&mut st, slot);
+                self.remove_job(&mut st, slot, JobOutcome::Cancelled);
             }
         }
         // A worker that was woken but left before grabbing must not strand queued work.
@@ -571,6 +643,18 @@ impl Engine {
                 c.waiting.push((slot, seq));
             }
         }
+        if let Some(o) = &self.shared.observer {
+            let handle = self.handle_of(seq);
+            o.submitted(&JobEvent {
+                seq,
+                handle: &handle,
+                function: &s.function,
+                unique: &s.unique,
+                priority: s.priority,
+                background: s.background,
+                client: st.conns.get(&conn).map(|c| peer_info(conn, c)),
+            });
+        }
         if persist {
             return SubmitOutcome::Pending;
         }
@@ -689,6 +773,9 @@ impl Engine {
         let f = &mut st.functions[func as usize];
         f.queues[p].push_back(QueueRef { slot, tag });
         f.queued[p] += 1;
+        if let Some(o) = &self.shared.observer {
+            o.queued(st.jobs[slot as usize].seq);
+        }
         self.wake(st, func, self.shared.cfg.worker_wakeup);
     }
 
@@ -774,7 +861,7 @@ impl Engine {
                     }
                 }
                 if job.state == JobState::Persisting {
-                    self.remove_job(st, slot);
+                    self.remove_job(st, slot, JobOutcome::Refused);
                 } else {
                     // It was already durable-less foreground work joined by a background submit.
                     st.jobs[slot as usize].persisted = false;
@@ -949,6 +1036,9 @@ impl Engine {
         let seq = job.seq;
         let attempt = job.attempts;
         c.holding.push((slot, seq));
+        if let Some(o) = &self.shared.observer {
+            o.assigned(seq, attempt, &peer_info(conn, c));
+        }
         let handle = self.handle_of(seq);
         let fname = &f.name;
         match (kind, job.reducer()) {
@@ -1029,22 +1119,34 @@ impl Engine {
         f.metrics
             .running_seconds
             .observe(now.saturating_sub(job.since_ns) as f64 / 1e9);
-        match kind {
-            WorkKind::Complete => f.metrics.completed.inc(),
-            WorkKind::Fail => f.metrics.failed.inc(),
-            _ => f.metrics.exceptions.inc(),
-        }
+        let outcome = match kind {
+            WorkKind::Complete => {
+                f.metrics.completed.inc();
+                JobOutcome::Complete
+            }
+            WorkKind::Fail => {
+                f.metrics.failed.inc();
+                JobOutcome::Fail
+            }
+            _ => {
+                f.metrics.exceptions.inc();
+                JobOutcome::Exception
+            }
+        };
         if let Some(c) = st.conns.get_mut(&conn) {
             if let Some(i) = c.holding.iter().position(|&(s, q)| s == slot && q == seq) {
                 c.holding.swap_remove(i);
             }
         }
-        self.remove_job(st, slot);
+        self.remove_job(st, slot, outcome);
     }
 
     /// Removes a job everywhere (queue entries are left to be skipped lazily).
-    fn remove_job(&self, st: &mut State, slot: u32) {
+    fn remove_job(&self, st: &mut State, slot: u32, outcome: JobOutcome) {
         let job = st.jobs.remove(slot as usize);
+        if let Some(o) = &self.shared.observer {
+            o.finished(job.seq, outcome);
+        }
         st.by_seq.remove(&job.seq);
         if job.unique_len > 0 {
             let h = hash_unique(&st.hasher, job.func, job.unique());
@@ -1087,6 +1189,9 @@ impl Engine {
         if !matches!(job.state, JobState::Running(_)) {
             return;
         }
+        if let Some(o) = &self.shared.observer {
+            o.requeued(seq, why);
+        }
         let f = &mut st.functions[job.func as usize];
         f.running = f.running.saturating_sub(1);
         let retries = self.shared.cfg.job_retries;
@@ -1102,7 +1207,7 @@ impl Engine {
             }
             // Still marked Running (its running count already released): remove_job leaves the
             // queue counters alone.
-            self.remove_job(st, slot);
+            self.remove_job(st, slot, JobOutcome::Dropped);
             return;
         }
         f.metrics.retried.inc();
@@ -1447,9 +1552,13 @@ impl Engine {
                 send(c, pkt.clone(), false, &self.shared.metrics);
             }
         }
-        self.remove_job(st, slot);
+        self.remove_job(st, slot, JobOutcome::Cancelled);
         Ok(())
     }
+}
+
+fn peer_info(id: ConnId, c: &Conn) -> PeerInfo<'_> {
+    PeerInfo { conn: id, peer: c.peer, client_id: &c.client_id }
 }
 
 fn status_fields(job: Option<&Job>) -> (&'static [u8], &'static [u8], Bytes, Bytes) {

@@ -1,0 +1,1 @@
+fn main() { eprintln!("load generator: not written yet"); }
