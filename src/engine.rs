@@ -1174,6 +1174,16 @@ impl Engine {
                     }
                 }
             }
+            // Background submits that joined this job while its durable write was in flight
+            // still need their answer: the job they asked for was accepted and has ended.
+            if !e.pending_acks.is_empty() {
+                let pkt = response(PacketType::JOB_CREATED, &[&self.handle_of(job.seq)]);
+                for a in &e.pending_acks {
+                    if let Some(c) = st.conns.get(a) {
+                        send(c, pkt.clone(), false, &self.shared.metrics);
+                    }
+                }
+            }
         }
         if job.persisted {
             if let Some(m) = &self.shared.mirror {
