@@ -104,7 +104,13 @@ pub fn execute(
         ("show", "jobs") => {
             for j in engine.jobs() {
                 out.put_slice(&j.handle);
-                let retries = j.attempts.saturating_sub(1);
+                // gearmand counts a retry when a job goes back to the queue: a queued job has
+                // failed every attempt it had, a running one all but the current attempt.
+                let retries = if j.queued {
+                    j.attempts
+                } else {
+                    j.attempts.saturating_sub(1)
+                };
                 out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
             }
             out.put_slice(b".\n");

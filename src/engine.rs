@@ -922,6 +922,8 @@ impl Engine {
         let Some(c) = st.conns.get_mut(&conn) else {
             return Ok(());
         };
+        // A timeout of 0 means none, whether the function is new or registered again.
+        let timeout_ms = timeout_ms.filter(|&t| t > 0);
         if let Some(a) = c.abilities.iter_mut().find(|a| a.func == func) {
             a.timeout_ms = timeout_ms;
             return Ok(());
@@ -929,10 +931,7 @@ impl Engine {
         // Newest registered first, as gearmand scans them.
         c.abilities.insert(
             0,
-            Ability {
-                func,
-                timeout_ms: timeout_ms.filter(|&t| t > 0),
-            },
+            Ability { func, timeout_ms },
         );
         st.functions[func as usize].workers += 1;
         Ok(())
