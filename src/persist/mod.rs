@@ -1,0 +1,301 @@
+//! The durable queue: every background job is mirrored to a memcached cluster before its
+//! client hears JOB_CREATED, and read back at start-up.
+//!
+//! - [`client`]: a small memcached meta-protocol client (pipelined, acknowledged `ms`/`md`/`mg`).
+//! - [`ring`]: consistent hashing that picks the nodes of each job's copies.
+//! - [`record`]: keys (enumerable by design: sequence numbers and watermark keys) and values.
+//! - [`mirror`]: the engine's [`crate::engine::Mirror`]: batching writer tasks, node tracking,
+//!   repair of lost copies.
+//! - [`recovery`]: reading a node id's queue back without listing memcached's keys.
+//! - [`takeover`]: moving a dead node's queue into this server, once.
+//! - [`metrics`]: the `gearhouse_memcached_*` and recovery metrics.
+
+pub mod client;
+pub mod metrics;
+pub mod mirror;
+pub mod record;
+pub mod recovery;
+pub mod ring;
+pub mod takeover;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::{Engine, Mirror};
+use crate::http::Health;
+
+pub use mirror::MemcachedMirror;
+
+/// Why persistence could not start or recover.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PersistError {
+    #[error("persistence configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("recovery: {0}")]
+    Recovery(String),
+    #[error("shutting down before recovery completed")]
+    Shutdown,
+}
+
+/// Persistence settings resolved from the `[persistence]` section.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nodes: Vec<String>,
+    pub namespace: String,
+    pub node_id: String,
+    /// Copies per job (already resolved from 0 = automatic and capped at the node count).
+    pub replicas: usize,
+    pub accept_in_memory: bool,
+    pub write_timeout: Duration,
+    pub connections_per_node: usize,
+    pub max_batch: usize,
+    pub max_pending_writes: usize,
+    pub recover_from_node: String,
+    pub repair_interval: Duration,
+}
+
+fn check_key_part(what: &str, v: &str) -> Result<(), PersistError> {
+    if v.is_empty() || v.len() > 100 || !client::is_valid_key(v.as_bytes()) || v.contains(':') {
+        return Err(PersistError::Config(format!(
+            "{what} {v:?} must be 1 to 100 printable characters without spaces or ':' (it is part of memcached keys)"
+        )));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Settings from the configuration; `None` when no memcached node is configured.
+    pub fn from_config(cfg: &Config) -> Result<Option<Settings>, PersistError> {
+        let p = &cfg.persistence;
+        if p.memcached.is_empty() {
+            return Ok(None);
+        }
+        Self::build(cfg, &p.memcached).map(Some)
+    }
+
+    /// Settings for `nodes` with the rest from `cfg`.
+    pub fn build(cfg: &Config, nodes: &[String]) -> Result<Settings, PersistError> {
+        let p = &cfg.persistence;
+        let mut seen = HashSet::new();
+        for n in nodes {
+            if !seen.insert(n) {
+                return Err(PersistError::Config(format!(
+                    "memcached node {n} is listed twice"
+                )));
+            }
+            if !n.contains(':') {
+                return Err(PersistError::Config(format!(
+                    "memcached node {n:?} must be host:port"
+                )));
+            }
+        }
+        if nodes.len() > mirror::MAX_NODES {
+            return Err(PersistError::Config(format!(
+                "at most {} memcached nodes are supported, {} are configured",
+                mirror::MAX_NODES,
+                nodes.len()
+            )));
+        }
+        let node_id = cfg.node_id();
+        check_key_part("persistence.namespace", &p.namespace)?;
+        check_key_part("engine.node_id", &node_id)?;
+        if !p.recover_from_node.is_empty() {
+            check_key_part("persistence.recover_from_node", &p.recover_from_node)?;
+            if p.recover_from_node == node_id {
+                return Err(PersistError::Config(
+                    "persistence.recover_from_node names this server's own node id".into(),
+                ));
+            }
+        }
+        let auto = if nodes.len() >= 2 { 2 } else { 1 };
+        let mut replicas = if p.replicas == 0 { auto } else { p.replicas };
+        if replicas > nodes.len() {
+            tracing::warn!(
+                replicas,
+                nodes = nodes.len(),
+                "persistence.replicas is larger than the number of memcached nodes; using {}",
+                nodes.len()
+            );
+            replicas = nodes.len();
+        }
+        if p.connections_per_node == 0 || p.connections_per_node > recovery::MAX_META_KEYS {
+            return Err(PersistError::Config(format!(
+                "persistence.connections_per_node must be 1 to {}",
+                recovery::MAX_META_KEYS
+            )));
+        }
+        Ok(Settings {
+            nodes: nodes.to_vec(),
+            namespace: p.namespace.clone(),
+            node_id,
+            replicas,
+            accept_in_memory: p.on_failure == "accept_in_memory",
+            write_timeout: Duration::from_millis(p.write_timeout_ms.max(1)),
+            connections_per_node: p.connections_per_node,
+            max_batch: p.max_batch.max(1),
+            max_pending_writes: p.max_pending_writes.max(1),
+            recover_from_node: p.recover_from_node.clone(),
+            repair_interval: Duration::from_millis(p.repair_interval_ms.max(50)),
+        })
+    }
+}
+
+/// Persistence as the app uses it: a mirror for the engine, then recovery and the
+/// background tasks.
+pub struct Persistence {
+    pub settings: Settings,
+    mirror: MemcachedMirror,
+    metrics: Arc<metrics::PersistMetrics>,
+}
+
+impl Persistence {
+    /// Creates the mirror (no I/O yet); register its metrics on `registry`.
+    pub fn new(settings: Settings, registry: &prometheus::Registry) -> Persistence {
+        let metrics = Arc::new(metrics::PersistMetrics::new(registry));
+        let mirror = MemcachedMirror::new(settings.clone(), metrics.clone());
+        Persistence {
+            settings,
+            mirror,
+            metrics,
+        }
+    }
+
+    /// The mirror to give [`Engine::new`].
+    pub fn mirror(&self) -> Arc<dyn Mirror> {
+        Arc::new(self.mirror.clone())
+    }
+
+    pub fn memcached_mirror(&self) -> &MemcachedMirror {
+        &self.mirror
+    }
+
+    /// Recovers the queue into `engine` (retrying while memcached is unreachable), starts the
+    /// writer, prober and repair tasks, then takes over `recover_from_node` if configured.
+    /// Returns once the server may accept clients.
+    pub async fn start(
+        &self,
+        engine: &Engine,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> Result<(), PersistError> {
+        self.mirror.attach(engine.clone());
+        let s = &self.settings;
+        tracing::info!(
+            nodes = %s.nodes.join(","),
+            replicas = s.replicas,
+            namespace = %s.namespace,
+            node_id = %s.node_id,
+            "persistence on: background jobs are acknowledged only after memcached stored {} copies; recovering the queue before accepting clients",
+            s.replicas
+        );
+        let mut attempt = 0u32;
+        let origins = loop {
+            attempt += 1;
+            match self.recover(engine).await {
+                Ok(origins) => break origins,
+                Err(e) => {
+                    self.metrics.recovery_failed.set(1);
+                    health.set_not_durable(Some(e.to_string()));
+                    health.set_persistence_status(serde_json::json!({
+                        "enabled": true, "recovering": true, "error": e.to_string(),
+                        "nodes": s.nodes,
+                    }));
+                    tracing::error!(attempt, "{e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(PersistError::Shutdown),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        self.metrics.recovery_failed.set(0);
+        health.set_not_durable(None);
+        self.mirror.start(health.clone(), shutdown.clone());
+        if !s.recover_from_node.is_empty() {
+            loop {
+                match takeover::run(self, engine, &origins).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!("taking over node {}: {e}", s.recover_from_node);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Err(PersistError::Shutdown),
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            }
+        }
+        health.set_persistence_status(self.mirror.status_json());
+        Ok(())
+    }
+
+    /// One recovery attempt. Returns the origins (sequence numbers on
+    /// `recover_from_node`) of jobs already taken over.
+    async fn recover(&self, engine: &Engine) -> Result<HashSet<u64>, PersistError> {
+        let s = &self.settings;
+        let started = Instant::now();
+        let mut cl = recovery::Cluster::open(s).await;
+        let unreachable = cl.unreachable_mask();
+        for (i, id) in cl.identities.iter().enumerate() {
+            self.mirror
+                .set_node_state(i, id.ok_or_else(|| cl.why[i].clone()));
+        }
+        let mut origins = HashSet::new();
+        let mut restored = 0usize;
+        let mut scan = recovery::RangeScan::begin(&mut cl, s, &s.node_id, "recovery").await?;
+        while let Some(found) = scan.next(&mut cl, s).await? {
+            let marks: Vec<(u64, u16, u16)> = found
+                .iter()
+                .map(|f| (f.record.seq, f.ok | unreachable, f.ok))
+                .collect();
+            self.mirror.note_recovered(&marks);
+            let mut records = Vec::with_capacity(found.len());
+            for f in found {
+                if let Some((node, seq)) = &f.origin {
+                    if *node == s.recover_from_node {
+                        origins.insert(*seq);
+                    }
+                }
+                records.push(f.record);
+            }
+            restored += engine.restore(records, 0);
+        }
+        let high = scan.high;
+        engine.restore(Vec::new(), high + 1);
+        self.mirror.set_watermarks(high);
+        let took = started.elapsed();
+        self.metrics.recovered.inc_by(restored as u64);
+        self.metrics.recovery_duration.set(took.as_secs_f64());
+        tracing::info!(
+            jobs = restored,
+            seconds = took.as_secs_f64(),
+            next_handle = %String::from_utf8_lossy(&engine.handle_of(engine.next_seq())),
+            "recovery complete: {restored} jobs restored from memcached in {:.3} s",
+            took.as_secs_f64()
+        );
+        let down = cl.unreachable();
+        if !down.is_empty() {
+            tracing::warn!(
+                "recovered while some memcached nodes were unreachable: {}",
+                down.join(", ")
+            );
+        }
+        Ok(origins)
+    }
+
+    fn metrics_recovered(&self, n: u64) {
+        self.metrics.recovered.inc_by(n);
+    }
+
+    /// Waits for in-flight writes (at shutdown), then releases the engine.
+    pub async fn stop(&self, grace: Duration) {
+        self.mirror.flush(grace).await;
+        self.mirror.detach();
+    }
+}

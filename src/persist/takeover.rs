@@ -1,0 +1,316 @@
+//! Taking over a dead node's queue (`persistence.recover_from_node`), once and without
+//! duplicates.
+//!
+//! 1. A lock key (`<ns>:<dead>:takeover`, stored with memcached's add) names the server doing
+//!    it; another server finding someone else's name leaves the queue alone.
+//! 2. The dead node's records are read like a recovery. Each becomes a job of this server: it
+//!    is written under this node's keys with `replicas` copies (the copy remembers its origin:
+//!    dead node id and sequence number), put in the engine, and only then is the dead node's
+//!    record deleted.
+//! 3. If this server dies half-way, its own recovery finds the copies with their origins, and
+//!    the next takeover run skips those records (deleting them): no job is moved twice.
+//!
+//! Jobs get new handles (`H:<this node>:<n>`); function, unique, priority, epoch, reducer and
+//! attempts are kept, so coalescing on the unique works against the moved jobs.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use super::record;
+use super::recovery::{Cluster, RangeScan};
+use super::ring::Ring;
+use super::{PersistError, Persistence};
+use crate::engine::Engine;
+
+/// Takeover copies in flight at once.
+const WAVE: usize = 2_000;
+
+pub(super) async fn run(
+    p: &Persistence,
+    engine: &Engine,
+    already: &HashSet<u64>,
+) -> Result<(), PersistError> {
+    let s = &p.settings;
+    let from = s.recover_from_node.as_str();
+    let mut cl = Cluster::open(s).await;
+    let lock = record::takeover_key(&s.namespace, from);
+    let ring = Ring::new(&s.nodes);
+    if let Some(owner) = cl.try_lock(&ring, &lock, s.node_id.as_bytes()).await? {
+        tracing::warn!(
+            "not taking over node {from}: its queue is being or was taken over by {owner} (memcached key {})",
+            String::from_utf8_lossy(&lock)
+        );
+        return Ok(());
+    }
+    let mut done: HashSet<u64> = already.clone();
+    let mut scan = RangeScan::begin(&mut cl, s, from, "takeover").await?;
+    let (mut moved, mut skipped) = (0u64, 0u64);
+    while let Some(found) = scan.next(&mut cl, s).await? {
+        for wave in found.chunks(WAVE) {
+            let mut old_keys: Vec<Bytes> = Vec::with_capacity(wave.len());
+            let mut waiting = Vec::with_capacity(wave.len());
+            let mut next = engine.next_seq();
+            for f in wave {
+                let old = f.record.seq;
+                if done.contains(&old) {
+                    skipped += 1;
+                    old_keys.push(record::job_key(&s.namespace, from, old));
+                    continue;
+                }
+                let mut r = f.record.clone();
+                r.seq = next;
+                next += 1;
+                let rx = p
+                    .memcached_mirror()
+                    .write_takeover(&r, &(from.to_string(), old));
+                waiting.push((old, r, rx));
+            }
+            let mut records = Vec::with_capacity(waiting.len());
+            let mut failure = None;
+            for (old, r, rx) in waiting {
+                match rx.await {
+                    Ok(Ok(())) => {
+                        done.insert(old);
+                        old_keys.push(record::job_key(&s.namespace, from, old));
+                        records.push(r);
+                    }
+                    Ok(Err(e)) => {
+                        // Remove whatever copies were made; the record stays on the dead node.
+                        crate::engine::Mirror::delete(p.memcached_mirror(), r.seq);
+                        failure = Some(e);
+                    }
+                    Err(_) => failure = Some("the mirror stopped".into()),
+                }
+            }
+            moved += engine.restore(records, next) as u64;
+            cl.delete_keys(&old_keys).await;
+            if let Some(e) = failure {
+                return Err(PersistError::Recovery(format!(
+                    "could not copy a job of node {from}: {e}"
+                )));
+            }
+        }
+    }
+    let metas: Vec<Bytes> = (0..super::recovery::MAX_META_KEYS)
+        .map(|i| record::meta_key(&s.namespace, from, i))
+        .collect();
+    cl.delete_keys(&metas).await;
+    p.metrics_recovered(moved);
+    tracing::info!(
+        from,
+        moved,
+        skipped,
+        "takeover complete: {moved} jobs of node {from} moved into this server ({skipped} had been moved before)"
+    );
+    Ok(())
+}
+
+/// What `gearhouse recover --from-node` needs: the dead node's cluster and the running
+/// server that receives its jobs.
+#[derive(Debug, Clone)]
+pub struct RemoteTakeover {
+    pub memcached: Vec<String>,
+    pub namespace: String,
+    pub from_node: String,
+    /// Gearman address of the running server.
+    pub server: String,
+    /// Name stored in the lock key.
+    pub owner: String,
+    /// Copies the dead node kept (how many memcached nodes may be unreachable: replicas - 1).
+    pub replicas: usize,
+    /// Submits in flight at once (one per connection).
+    pub parallel: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// Counts of a remote takeover.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TakeoverSummary {
+    pub moved: u64,
+    pub refused: u64,
+}
+
+struct GearConn {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+    codec: crate::codec::GearmanCodec,
+}
+
+impl GearConn {
+    async fn connect(addr: &str) -> Result<GearConn, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to the gearhouse server at {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        Ok(GearConn {
+            stream,
+            buf: bytes::BytesMut::new(),
+            codec: crate::codec::GearmanCodec::new(64 << 20, 1 << 20),
+        })
+    }
+
+    /// Submits one record as a background job; Ok(handle) or Err(server's error text).
+    async fn submit(
+        &mut self,
+        r: &crate::engine::JobRecord,
+        timeout: std::time::Duration,
+    ) -> Result<Result<String, String>, String> {
+        use crate::codec::{put_packet, Frame, PacketType, MAGIC_REQ};
+        use crate::protocol::Priority;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::codec::Decoder;
+        let mut out = bytes::BytesMut::new();
+        let epoch;
+        match (&r.epoch, &r.reducer) {
+            (Some(e), _) => {
+                epoch = e.to_string();
+                put_packet(
+                    &mut out,
+                    MAGIC_REQ,
+                    PacketType::SUBMIT_JOB_EPOCH,
+                    &[&r.function, &r.unique, epoch.as_bytes(), &r.data],
+                );
+            }
+            (None, Some(red)) => put_packet(
+                &mut out,
+                MAGIC_REQ,
+                PacketType::SUBMIT_REDUCE_JOB_BACKGROUND,
+                &[&r.function, &r.unique, red, &r.data],
+            ),
+            (None, None) => {
+                let kind = match r.priority {
+                    Priority::High => PacketType::SUBMIT_JOB_HIGH_BG,
+                    Priority::Normal => PacketType::SUBMIT_JOB_BG,
+                    Priority::Low => PacketType::SUBMIT_JOB_LOW_BG,
+                };
+                put_packet(
+                    &mut out,
+                    MAGIC_REQ,
+                    kind,
+                    &[&r.function, &r.unique, &r.data],
+                );
+            }
+        }
+        let work = async {
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                match self
+                    .codec
+                    .decode(&mut self.buf)
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(Frame::Packet(p)) if p.kind == PacketType::JOB_CREATED => {
+                        return Ok(Ok(String::from_utf8_lossy(&p.body).into_owned()))
+                    }
+                    Some(Frame::Packet(p)) if p.kind == PacketType::ERROR => {
+                        return Ok(Err(String::from_utf8_lossy(&p.body).replace('\0', " ")))
+                    }
+                    Some(_) => continue,
+                    None => {}
+                }
+                if self
+                    .stream
+                    .read_buf(&mut self.buf)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    == 0
+                {
+                    return Err("the gearhouse server closed the connection".to_string());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+    }
+}
+
+/// Moves `from_node`'s queue into a running server through the Gearman protocol: each record
+/// is submitted as a background job, and deleted from memcached once JOB_CREATED arrived.
+/// Jobs the server refuses stay in memcached (run it again). If this command itself dies
+/// between a JOB_CREATED and the delete, that job can be submitted twice.
+pub async fn recover_into_server(t: &RemoteTakeover) -> Result<TakeoverSummary, PersistError> {
+    let cfg = crate::config::Config::default();
+    let mut s = super::Settings::build(&cfg, &t.memcached)?;
+    s.namespace = t.namespace.clone();
+    s.node_id = t.owner.clone();
+    s.replicas = t.replicas.clamp(1, t.memcached.len());
+    s.write_timeout = t.timeout;
+    let from = t.from_node.as_str();
+    let mut cl = Cluster::open(&s).await;
+    let lock = record::takeover_key(&s.namespace, from);
+    let ring = Ring::new(&s.nodes);
+    if let Some(owner) = cl.try_lock(&ring, &lock, t.owner.as_bytes()).await? {
+        return Err(PersistError::Recovery(format!(
+            "node {from}'s queue is being or was taken over by {owner:?}; to take it over anyway, delete memcached key {}",
+            String::from_utf8_lossy(&lock)
+        )));
+    }
+    let mut conns = Vec::new();
+    for _ in 0..t.parallel.max(1) {
+        conns.push(
+            GearConn::connect(&t.server)
+                .await
+                .map_err(PersistError::Recovery)?,
+        );
+    }
+    let mut scan = RangeScan::begin(&mut cl, &s, from, "takeover").await?;
+    let mut sum = TakeoverSummary::default();
+    let mut first_error: Option<String> = None;
+    while let Some(found) = scan.next(&mut cl, &s).await? {
+        let per = found.len().div_ceil(conns.len()).max(1);
+        let results = futures::future::join_all(conns.iter_mut().zip(found.chunks(per)).map(
+            |(c, part)| async move {
+                let mut done = Vec::new();
+                for f in part {
+                    let r = c.submit(&f.record, t.timeout).await;
+                    done.push((f.record.seq, r));
+                    if matches!(done.last(), Some((_, Err(_)))) {
+                        break;
+                    }
+                }
+                done
+            },
+        ))
+        .await;
+        let mut old_keys = Vec::new();
+        let mut broken = None;
+        for (seq, r) in results.into_iter().flatten() {
+            match r {
+                Ok(Ok(_)) => {
+                    sum.moved += 1;
+                    old_keys.push(record::job_key(&s.namespace, from, seq));
+                }
+                Ok(Err(e)) => {
+                    sum.refused += 1;
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => broken = Some(e),
+            }
+        }
+        cl.delete_keys(&old_keys).await;
+        if let Some(e) = broken {
+            return Err(PersistError::Recovery(format!(
+                "{e} ({} jobs moved so far; run the command again to move the rest)",
+                sum.moved
+            )));
+        }
+    }
+    if sum.refused == 0 {
+        let metas: Vec<Bytes> = (0..super::recovery::MAX_META_KEYS)
+            .map(|i| record::meta_key(&s.namespace, from, i))
+            .collect();
+        cl.delete_keys(&metas).await;
+    } else {
+        tracing::error!(
+            refused = sum.refused,
+            "the server refused some jobs (first: {}); they stay in memcached: run the command again",
+            first_error.unwrap_or_default()
+        );
+    }
+    Ok(sum)
+}
