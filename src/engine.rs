@@ -1412,6 +1412,16 @@ impl Engine {
         self.lock().next_seq
     }
 
+    /// Records of the live, mirrored jobs among `seqs` (the mirror rewrites lost copies).
+    pub fn persisted_records(&self, seqs: &[u64]) -> Vec<JobRecord> {
+        let st = self.lock();
+        seqs.iter()
+            .filter_map(|seq| st.by_seq.get(seq).copied())
+            .filter(|&slot| st.jobs[slot as usize].persisted)
+            .map(|slot| self.record_of(&st, slot))
+            .collect()
+    }
+
     // ---- snapshots and admin operations ----
 
     /// Per-function counts, sorted by name.
