@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# Runs the same loadgen scenarios against gearhouse and (when installed) gearmand 1.1.20, side by
+# side, and prints one table: scenario, gearhouse, gearmand, ratio, target.
+#
+#   benches/compare.sh                  # issue 2 scenarios, main ones repeated RUNS times
+#   QUICK=1 benches/compare.sh          # scaled-down job counts, one run
+#   benches/compare.sh --persistence    # + gearhouse/memcached (3 nodes, replicas=2) vs gearmand -q libmemcached
+#   benches/compare.sh --tracing        # + gearhouse with OTLP traces at 100% vs traces off
+#   benches/compare.sh --all            # everything
+#
+# Environment: QUICK=1, RUNS (default 3), BG_JOBS, FG_JOBS, SUBMIT_JOBS, SEGMENT, LG_THREADS
+# (load generator runtime threads, 0 = single-threaded, the default), GH_ENV (extra VAR=value
+# settings for every gearhouse started, e.g. "TOKIO_WORKER_THREADS=1"), OUT (results directory).
+# Every server is started fresh for every scenario run, on free loopback ports, and stopped after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+PERSIST=${PERSIST:-0}
+TRACING=${TRACING:-0}
+MAIN=1
+for a in "$@"; do
+    case "$a" in
+        --quick) QUICK=1 ;;
+        --persistence) PERSIST=1 ;;
+        --tracing) TRACING=1 ;;
+        --all) PERSIST=1 TRACING=1 ;;
+        --only-extra) MAIN=0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $a" >&2; exit 2 ;;
+    esac
+done
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    RUNS=${RUNS:-1}; BG_JOBS=${BG_JOBS:-20000}; FG_JOBS=${FG_JOBS:-5000}
+    SUBMIT_JOBS=${SUBMIT_JOBS:-200000}; SEGMENT=${SEGMENT:-20000}
+else
+    RUNS=${RUNS:-3}; BG_JOBS=${BG_JOBS:-100000}; FG_JOBS=${FG_JOBS:-20000}
+    SUBMIT_JOBS=${SUBMIT_JOBS:-1000000}; SEGMENT=${SEGMENT:-100000}
+fi
+LG_THREADS=${LG_THREADS:-0}
+GH_ENV=${GH_ENV:-}
+OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+GEARMAND=${GEARMAND:-/usr/sbin/gearmand}
+[ -x "$GEARMAND" ] || GEARMAND=$(command -v gearmand || true)
+
+log() { echo "== $*" >&2; }
+
+log "building (release)"
+cargo build --release --bin gearhouse 2>&1 | tail -1 >&2
+LOADGEN=$(cargo bench --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+[ -x "$LOADGEN" ] || LOADGEN=$ROOT/$LOADGEN
+[ -x "$LOADGEN" ] || { echo "cannot find the loadgen executable" >&2; exit 1; }
+# Copies, so a rebuild by someone else during the run cannot swap binaries under us.
+cp target/release/gearhouse "$OUT/gearhouse"
+cp "$LOADGEN" "$OUT/loadgen"
+GH_BIN=$OUT/gearhouse
+LG=$OUT/loadgen
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # port deadline_s
+    local end=$((SECONDS + ${2:-30}))
+    while ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do
+        [ $SECONDS -lt $end ] || return 1
+        sleep 0.05
+    done
+}
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+SRV_PID= SRV_PORT=
+# start_gearhouse NAME [flags...]; env from GH_ENV and START_ENV
+start_gearhouse() {
+    local name=$1; shift
+    SRV_PORT=$(free_port); local http; http=$(free_port)
+    env $GH_ENV ${START_ENV:-} "$GH_BIN" serve --config "$ROOT/config/default.toml" \
+        --listen "127.0.0.1:$SRV_PORT" --http "127.0.0.1:$http" --node-id bench --log-level warn "$@" \
+        >"$OUT/$name.server.log" 2>&1 &
+    SRV_PID=$!; PIDS+=("$SRV_PID")
+    local end=$((SECONDS + 60))
+    until curl -fs "http://127.0.0.1:$http/readyz" >/dev/null 2>&1; do
+        if ! kill -0 "$SRV_PID" 2>/dev/null || [ $SECONDS -ge $end ]; then
+            echo "gearhouse did not become ready; log:" >&2; tail -20 "$OUT/$name.server.log" >&2
+            return 1
+        fi
+        sleep 0.05
+    done
+    SRV_HTTP=$http
+}
+
+start_gearmand() {
+    local name=$1; shift
+    SRV_PORT=$(free_port)
+    "$GEARMAND" -p "$SRV_PORT" -L 127.0.0.1 --threads 2 -u root -l "$OUT/$name.gearmand.log" \
+        -P "$OUT/$name.gearmand.pid" "$@" >"$OUT/$name.server.log" 2>&1 &
+    SRV_PID=$!; PIDS+=("$SRV_PID")
+    wait_port "$SRV_PORT" 30 || { echo "gearmand did not start:" >&2; cat "$OUT/$name.server.log" >&2; return 1; }
+}
+
+# run_lg NAME loadgen-args... -> RESULT line saved to $OUT/NAME.txt
+run_lg() {
+    local name=$1; shift
+    "$LG" --port "$SRV_PORT" --server-pid "$SRV_PID" --threads "$LG_THREADS" --label "$name" "$@" \
+        >"$OUT/$name.txt" 2>&1 || true
+    cat "$OUT/$name.txt" | grep -v '^RESULT' | sed "s/^/   [$name] /" >&2
+}
+
+field() { # file key
+    grep '^RESULT' "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1
+}
+
+# One scenario on one server: start it fresh (with the extra server flags in SERVER_ARGS and
+# the extra environment in START_ENV), run the load generator, stop it.
+SERVER_ARGS=()
+scenario() { # server(gh|gm) name loadgen-args...
+    local srv=$1 name=$2; shift 2
+    if [ "$srv" = gh ]; then
+        start_gearhouse "$name" ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"}
+    else
+        start_gearmand "$name" ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"}
+    fi
+    run_lg "$name" "$@"
+    stop_pid "$SRV_PID"
+}
+
+ROWS=() NOTES=()
+row() { ROWS+=("$(printf '%s\t%s\t%s\t%s\t%s' "$1" "$2" "$3" "$4" "$5")"); }
+ratio() { # a b -> a/b
+    python3 -c "import sys
+a,b=sys.argv[1],sys.argv[2]
+try: print('%.2fx' % (float(a)/float(b)))
+except Exception: print('-')" "${1:-}" "${2:-}"
+}
+median() { python3 -c "import sys,statistics as s; v=[float(x) for x in sys.argv[1:] if x not in ('','NA')]; print(('%.3f' % s.median(v)).rstrip('0').rstrip('.') if v else '')" "$@"; }
+mib() { python3 -c "import sys; print('%.1f' % (int(sys.argv[1])/1024) if sys.argv[1].isdigit() else 'NA')" "${1:-NA}"; }
+
+HAVE_GM=0
+[ -n "$GEARMAND" ] && [ -x "$GEARMAND" ] && HAVE_GM=1
+[ $HAVE_GM = 1 ] || log "gearmand not installed: gearhouse figures only"
+
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC') $(uname -r), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/env.txt"
+echo "# gearhouse $("$GH_BIN" --version 2>&1), $([ $HAVE_GM = 1 ] && "$GEARMAND" --version 2>&1 | grep -m1 gearmand)" >>"$OUT/env.txt"
+echo "# QUICK=$QUICK RUNS=$RUNS BG_JOBS=$BG_JOBS FG_JOBS=$FG_JOBS SUBMIT_JOBS=$SUBMIT_JOBS LG_THREADS=$LG_THREADS GH_ENV=$GH_ENV" >>"$OUT/env.txt"
+
+BG_ARGS=(--mode background --jobs "$BG_JOBS" --payload 64 --clients 2 --workers 2 --pipeline 100)
+FG_ARGS=(--mode foreground --jobs "$FG_JOBS" --payload 64 --clients 4 --workers 2 --pipeline 1)
+SUB_ARGS=(--mode submit-only --jobs "$SUBMIT_JOBS" --payload 64 --clients 2 --pipeline 100 --segment "$SEGMENT")
+
+if [ $MAIN = 1 ]; then
+    declare -a GH_BG GM_BG GH_FG GM_FG GH_P99 GM_P99
+    for r in $(seq "$RUNS"); do
+        # Back to back, alternating servers, so both see the same machine load.
+        for s in gh gm; do
+            [ $s = gm ] && [ $HAVE_GM = 0 ] && continue
+            log "run $r: background end-to-end on $s"
+            scenario $s "bg.$s.$r" "${BG_ARGS[@]}"
+        done
+        for s in gh gm; do
+            [ $s = gm ] && [ $HAVE_GM = 0 ] && continue
+            log "run $r: foreground round trips on $s"
+            scenario $s "fg.$s.$r" "${FG_ARGS[@]}"
+        done
+        a=$(field "$OUT/bg.gh.$r.txt" jobs_per_s); b=$(field "$OUT/bg.gm.$r.txt" jobs_per_s)
+        GH_BG+=("$a"); GM_BG+=("$b")
+        row "background e2e jobs/s, run $r" "$a" "$b" "$(ratio "$a" "$b")" ">= 2x"
+        a=$(field "$OUT/fg.gh.$r.txt" rt_per_s); b=$(field "$OUT/fg.gm.$r.txt" rt_per_s)
+        GH_FG+=("$a"); GM_FG+=("$b")
+        row "foreground round trips/s, run $r" "$a" "$b" "$(ratio "$a" "$b")" ">= 1.5x"
+        a=$(field "$OUT/fg.gh.$r.txt" p99_ms); b=$(field "$OUT/fg.gm.$r.txt" p99_ms)
+        GH_P99+=("$a"); GM_P99+=("$b")
+        row "foreground p99 ms, run $r" "$a" "$b" "$(ratio "$a" "$b")" "< 1x (lower)"
+        a=$(field "$OUT/fg.gh.$r.txt" p50_ms); b=$(field "$OUT/fg.gm.$r.txt" p50_ms)
+        row "foreground p50 ms, run $r" "$a" "$b" "$(ratio "$a" "$b")" ""
+        a=$(field "$OUT/bg.gh.$r.txt" server_cpu_s); b=$(field "$OUT/bg.gm.$r.txt" server_cpu_s)
+        row "background server CPU s, run $r" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+    done
+    if [ "$RUNS" -gt 1 ]; then
+        a=$(median "${GH_BG[@]}"); b=$(median "${GM_BG[@]}")
+        row "background e2e jobs/s, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 2x"
+        a=$(median "${GH_FG[@]}"); b=$(median "${GM_FG[@]}")
+        row "foreground round trips/s, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 1.5x"
+        a=$(median "${GH_P99[@]}"); b=$(median "${GM_P99[@]}")
+        row "foreground p99 ms, median" "$a" "$b" "$(ratio "$a" "$b")" "< 1x (lower)"
+    fi
+
+    for s in gh gm; do
+        [ $s = gm ] && [ $HAVE_GM = 0 ] && continue
+        log "submit-only $SUBMIT_JOBS jobs on $s (no worker)"
+        scenario $s "submit.$s" "${SUB_ARGS[@]}"
+    done
+    f="$OUT/submit.gh.txt"; g="$OUT/submit.gm.txt"
+    a=$(field "$f" submit_per_s); b=$(field "$g" submit_per_s)
+    row "submit-only $SUBMIT_JOBS: submits/s overall" "$a" "$b" "$(ratio "$a" "$b")" ""
+    a=$(field "$f" first_segment); b=$(field "$g" first_segment)
+    row "submit-only: first $SEGMENT submits/s" "$a" "$b" "$(ratio "$a" "$b")" ""
+    a=$(field "$f" last_segment); b=$(field "$g" last_segment)
+    row "submit-only: last $SEGMENT submits/s" "$a" "$b" "$(ratio "$a" "$b")" ""
+    a=$(ratio "$(field "$f" last_segment)" "$(field "$f" first_segment)")
+    b=$(ratio "$(field "$g" last_segment)" "$(field "$g" first_segment)")
+    row "submit-only: last/first segment rate" "$a" "$b" "" "flat (~1x)"
+    a=$(mib "$(field "$f" rss_kb)"); b=$(mib "$(field "$g" rss_kb)")
+    row "RSS MiB with $SUBMIT_JOBS queued" "$a" "$b" "$(ratio "$a" "$b")" "< 250 MB"
+    NOTES+=("submit-only submits/s per $SEGMENT-job segment, gearhouse: $(field "$f" segments | tr ',' ' ')")
+    NOTES+=("submit-only submits/s per $SEGMENT-job segment, gearmand:  $(field "$g" segments | tr ',' ' ')")
+fi
+
+# ---- persistence: gearhouse + 3 memcached, replicas=2, vs gearmand -q libmemcached ----------
+MC_PIDS=() MC_ADDRS=
+start_memcached_cluster() {
+    MC_PIDS=(); local addrs=() p i
+    for i in 1 2 3; do
+        p=$(free_port)
+        memcached -u nobody -M -m 1024 -l 127.0.0.1 -p "$p" -U 0 >"$OUT/memcached.$i.log" 2>&1 &
+        MC_PIDS+=($!); PIDS+=($!); addrs+=("127.0.0.1:$p")
+        wait_port "$p" 10
+    done
+    MC_ADDRS=$(IFS=,; echo "${addrs[*]}")
+}
+stop_memcached_cluster() { local p; for p in "${MC_PIDS[@]}"; do stop_pid "$p"; done; MC_PIDS=(); }
+
+if [ "$PERSIST" = 1 ]; then
+    P_ROW="background e2e jobs/s, gearhouse memcached x3 replicas=2 vs gearmand -q libmemcached"
+    if ! command -v memcached >/dev/null; then
+        row "$P_ROW" "skipped: memcached not installed" "" "" ""
+    elif ! "$GH_BIN" serve --help 2>&1 | grep -q -- '--memcached'; then
+        row "$P_ROW" "skipped: not supported by this build" "" "" ""
+    else
+        declare -a P_GH=() P_GM=()
+        for r in $(seq "$RUNS"); do
+            start_memcached_cluster
+            log "run $r: background end-to-end, gearhouse --memcached $MC_ADDRS (replicas=2)"
+            SERVER_ARGS=(--memcached "$MC_ADDRS")
+            START_ENV="GEARHOUSE_PERSISTENCE__REPLICAS=2" scenario gh "persist.gh.$r" "${BG_ARGS[@]}"
+            SERVER_ARGS=()
+            stop_memcached_cluster
+            if grep -qi "in memory only" "$OUT/persist.gh.$r.server.log"; then
+                row "$P_ROW" "skipped: not supported by this build (server said: in memory only)" "" "" ""
+                P_GH=(); break
+            fi
+            a=$(field "$OUT/persist.gh.$r.txt" jobs_per_s); b=
+            if [ $HAVE_GM = 1 ]; then
+                start_memcached_cluster
+                log "run $r: background end-to-end, gearmand -q libmemcached --libmemcached-servers=$MC_ADDRS"
+                SERVER_ARGS=(-q libmemcached "--libmemcached-servers=$MC_ADDRS")
+                scenario gm "persist.gm.$r" "${BG_ARGS[@]}"
+                SERVER_ARGS=()
+                stop_memcached_cluster
+                b=$(field "$OUT/persist.gm.$r.txt" jobs_per_s)
+            fi
+            P_GH+=("$a"); P_GM+=("$b")
+            row "bg e2e jobs/s, memcached x3 (gh replicas=2, gm -q libmemcached), run $r" \
+                "$a" "$b" "$(ratio "$a" "$b")" ">= 3x"
+        done
+        if [ ${#P_GH[@]} -gt 0 ]; then
+            a=$(median "${P_GH[@]}"); b=$(median "${P_GM[@]}")
+            [ "$RUNS" -gt 1 ] && row "bg e2e jobs/s, memcached x3, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 3x"
+            if [ $MAIN = 1 ] && [ $HAVE_GM = 1 ]; then
+                c=$(median "${GM_BG[@]}")
+                row "bg e2e jobs/s: gh memcached x3 vs gm in memory (medians)" "$a" "$c" "$(ratio "$a" "$c")" ">= 1x"
+            fi
+        fi
+    fi
+    SERVER_ARGS=()
+fi
+
+# ---- tracing: gearhouse with OTLP export at 100% sampling vs traces off ----------------------
+if [ "$TRACING" = 1 ]; then
+    SINK_PORT=$(free_port)
+    "$LG" --mode otlp-sink --port "$SINK_PORT" >"$OUT/otlp-sink.txt" 2>&1 &
+    SINK_PID=$!; PIDS+=("$SINK_PID")
+    wait_port "$SINK_PORT" 10
+    sink_requests() { curl -fs "http://127.0.0.1:$SINK_PORT/stats" | sed -n 's/^requests=\([0-9]*\).*/\1/p'; }
+    declare -a T_ON=() T_OFF=()
+    TRACE_ENV="OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$SINK_PORT OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf OTEL_TRACES_SAMPLER=always_on GEARHOUSE_TRACING__SAMPLE_RATIO=1.0"
+    for r in $(seq "$RUNS"); do
+        before=$(sink_requests)
+        log "run $r: background end-to-end, traces on (OTLP to the loadgen otlp-sink)"
+        START_ENV="$TRACE_ENV" scenario gh "trace.on.$r" "${BG_ARGS[@]}"
+        after=$(sink_requests)
+        if [ "${after:-0}" -le "${before:-0}" ]; then
+            row "background e2e jobs/s, traces 100% vs off" "skipped: not supported by this build (no spans reached the OTLP sink)" "" "" ""
+            T_ON=(); break
+        fi
+        log "run $r: background end-to-end, traces off"
+        scenario gh "trace.off.$r" "${BG_ARGS[@]}"
+        a=$(field "$OUT/trace.on.$r.txt" jobs_per_s); b=$(field "$OUT/trace.off.$r.txt" jobs_per_s)
+        T_ON+=("$a"); T_OFF+=("$b")
+        NOTES+=("tracing run $r: $((after - before)) OTLP export requests reached the sink")
+        row "gh bg e2e jobs/s: traces 100% (col 2) vs off (col 3), run $r" \
+            "$a" "$b" "$(ratio "$a" "$b")" ">= 0.9x"
+    done
+    if [ ${#T_ON[@]} -gt 1 ]; then
+        a=$(median "${T_ON[@]}"); b=$(median "${T_OFF[@]}")
+        row "gh bg e2e jobs/s: traces 100% vs off, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.9x"
+    fi
+    stop_pid "$SINK_PID"
+fi
+
+# ---- the table ------------------------------------------------------------------------------
+cat "$OUT/env.txt" | tee "$OUT/table.txt"
+{
+    printf 'scenario\tgearhouse\tgearmand\tratio\ttarget\n'
+    for r in "${ROWS[@]}"; do printf '%s\n' "$r"; done
+} | column -t -s $'\t' -o ' | ' | tee -a "$OUT/table.txt"
+[ ${#NOTES[@]} -eq 0 ] || printf '%s\n' "${NOTES[@]}" | tee -a "$OUT/table.txt"
+echo "(raw loadgen output and server logs: $OUT)"
