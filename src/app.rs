@@ -30,7 +30,9 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
-    let engine = Engine::new(cfg.engine_config(), metrics, None, None);
+    let tracer = crate::telemetry::start(&cfg, &metrics);
+    let observer = tracer.clone().map(|t| t as Arc<dyn crate::engine::JobObserver>);
+    let engine = Engine::new(cfg.engine_config(), metrics, None, observer);
     tracing::info!(
         listen = %gearman.local_addr()?,
         http = %http_listener.local_addr()?,
@@ -48,5 +50,8 @@ pub async fn run(
     server::run(gearman, engine, server_cfg, shutdown.clone()).await?;
     let grace = Duration::from_millis(cfg.server.shutdown_timeout_ms);
     let _ = tokio::time::timeout(grace, http_task).await;
+    if let Some(t) = tracer {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown(grace)).await;
+    }
     Ok(())
 }

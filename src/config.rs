@@ -107,6 +107,7 @@ pub struct TracingSection {
     pub service_name: String,
     pub sample_ratio: f64,
     pub max_queue: usize,
+    pub max_jobs_in_flight: usize,
 }
 
 impl Default for ServerSection {
@@ -189,6 +190,7 @@ impl Default for TracingSection {
             service_name: "gearhouse".into(),
             sample_ratio: 1.0,
             max_queue: 8192,
+            max_jobs_in_flight: 100_000,
         }
     }
 }

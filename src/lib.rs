@@ -7,6 +7,7 @@
 //! - [`engine`]: requests → state changes: jobs, queues, priorities, coalescing, workers, timers.
 //! - [`admin`]: the admin text protocol (gearmand's formats) over the engine's snapshots.
 //! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
+//! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
 
@@ -19,3 +20,4 @@ pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod telemetry;

@@ -64,19 +64,6 @@ fn overrides(a: &ServeArgs) -> Vec<(&'static str, String)> {
     o
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cfg.log.format == "json" {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 async fn shutdown_signal(token: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -104,7 +91,7 @@ fn main() -> anyhow::Result<()> {
                 d.exists().then_some(d)
             });
             let cfg = Config::load(file.as_deref(), &overrides(&args))?;
-            init_logging(&cfg);
+            gearhouse::telemetry::init_logging(&cfg.log);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
