@@ -91,6 +91,9 @@ pub async fn run(
             drop(stream);
             continue;
         }
+        // Counted here, not in the spawned task: a burst of connects is accepted in one go
+        // before any task runs, and would all pass the check above.
+        metrics.connections.inc();
         let _ = stream.set_nodelay(true);
         let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
         tracker.spawn(conn.serve(shutdown.clone()));
@@ -149,7 +152,6 @@ impl Connection {
 
     async fn serve(mut self, shutdown: CancellationToken) {
         let metrics = self.engine.metrics().clone();
-        metrics.connections.inc();
         tracing::debug!(conn = self.id, peer = %self.peer, "connected");
         let why = self.run(&shutdown).await;
         match &why {
@@ -171,8 +173,11 @@ impl Connection {
             }
             Close::Killed | Close::Shutdown | Close::Peer => {}
         }
-        // Whatever is already buffered for the peer still goes out.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.framed.flush()).await;
+        // Whatever is already buffered for the peer still goes out, unless the peer was closed
+        // for not reading.
+        if !matches!(why, Close::Killed) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.framed.flush()).await;
+        }
         self.engine.disconnect(self.id);
         metrics.connections.dec();
         tracing::debug!(conn = self.id, "disconnected");
@@ -187,13 +192,12 @@ impl Connection {
             } else {
                 None
             };
-            let deadline = partial_since.map(|t| t + self.cfg.frame_timeout);
-            let timeout = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            // With no frame started yet, one may begin while we wait inside `framed.next()`
+            // (which only returns complete frames), so look again after one period: a frame
+            // that never completes is closed within two periods.
+            let timeout = tokio::time::sleep_until(
+                partial_since.unwrap_or_else(tokio::time::Instant::now) + self.cfg.frame_timeout,
+            );
             tokio::select! {
                 _ = self.kill.cancelled() => {
                     return if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed };
@@ -221,19 +225,35 @@ impl Connection {
                         }
                     }
                     self.drain_outbound();
-                    if self.flush().await.is_err() {
-                        return Close::Peer;
+                    if let Some(close) = self.write_out(shutdown).await {
+                        return close;
                     }
                 }
                 Some(pkt) = self.rx.recv() => {
                     self.push_out(pkt);
                     self.drain_outbound();
-                    if self.flush().await.is_err() {
-                        return Close::Peer;
+                    if let Some(close) = self.write_out(shutdown).await {
+                        return close;
                     }
                 }
-                _ = timeout => return Close::Timeout,
+                _ = timeout => {
+                    if mid {
+                        return Close::Timeout;
+                    }
+                }
             }
+        }
+    }
+
+    /// Flushes the write buffer, but gives up when the connection is killed (its outbound
+    /// queue overflowed) or the server shuts down meanwhile: a peer that does not read must not
+    /// pin its task in a write where the kill is never seen. Unwritten bytes stay buffered.
+    async fn write_out(&mut self, shutdown: &CancellationToken) -> Option<Close> {
+        let kill = self.kill.clone();
+        tokio::select! {
+            biased;
+            r = self.flush() => r.err().map(|_| Close::Peer),
+            _ = kill.cancelled() => Some(if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed }),
         }
     }
 
