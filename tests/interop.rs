@@ -89,16 +89,37 @@ fn render(label: &str, status: Option<ExitStatus>, lines: &[String], stderr: &st
 
 impl Proc {
     fn spawn(label: &str, program: &str, args: &[String]) -> Proc {
+        Self::spawn_with_input(label, program, args, None)
+    }
+
+    /// Like [`Proc::spawn`], writing `input` to the child's stdin and then closing it.
+    fn spawn_with_input(
+        label: &str,
+        program: &str,
+        args: &[String],
+        input: Option<Vec<u8>>,
+    ) -> Proc {
         let label = format!("{label} `{program} {}`", args.join(" "));
         let mut child = Command::new(program)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("{label}: cannot start: {e} (scripts/install-test-deps.sh installs it)")
             });
+        let mut readers = Vec::new();
+        if let Some(input) = input {
+            let mut stdin = child.stdin.take().expect("stdin");
+            readers.push(thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            }));
+        }
         let out: Shared = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
         let stdout = child.stdout.take().expect("stdout");
         let mut stderr = child.stderr.take().expect("stderr");
@@ -136,11 +157,13 @@ impl Proc {
                 }
             }
         });
+        readers.push(r1);
+        readers.push(r2);
         Proc {
             label,
             child,
             out,
-            readers: vec![r1, r2],
+            readers,
             status: None,
         }
     }
@@ -611,7 +634,8 @@ fn priority_order_high_normal_low_fifo_within_each() {
 }
 
 /// The gearman CLI as client and as worker: foreground jobs at -I, normal and -L return the
-/// worker command's output; two background submits with the same -u coalesce into one job.
+/// worker command's output, -n sends one job per input line, and two background submits with
+/// the same -u coalesce into one job.
 #[test]
 fn gearman_cli_foreground_priorities_and_background_unique() {
     let srv = server();
@@ -639,6 +663,31 @@ fn gearman_cli_foreground_priorities_and_background_unique() {
             worker.diag()
         );
     }
+    worker.finish_ok();
+
+    // -n: one job per stdin line, results printed in order.
+    let worker = gearman(
+        srv.port,
+        &["-w", "-f", "count", "-c", "3", "--", "wc", "-c"],
+    );
+    wait_status(&srv, "count", "has a worker", |r| r.2 == 1);
+    let c = Proc::spawn_with_input(
+        "gearman cli",
+        "gearman",
+        &strings(&[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &srv.port.to_string(),
+            "-f",
+            "count",
+            "-n",
+        ]),
+        Some(b"one\ntwo2\nthree33\n".to_vec()),
+    )
+    .finish_ok();
+    let counts: Vec<&str> = c.lines.iter().map(|l| l.trim()).collect();
+    assert_eq!(counts, ["4", "5", "8"], "{}\n{}", c.diag(), worker.diag());
     worker.finish_ok();
 
     for payload in ["first", "second"] {
@@ -724,15 +773,21 @@ fn unique_coalescing_across_clients_runs_once() {
     assert_eq!(jobs[0]["unique"], unique);
 }
 
-/// GET_STATUS through PHP jobStatus and Perl get_status for a running job that sent WORK_STATUS
-/// 1/4, and for a handle the server never issued; Python gear's STATUS_RES handling likewise.
+/// GET_STATUS through PHP jobStatus and Perl get_status (and GET_STATUS_UNIQUE through PHP
+/// jobStatusByUniqueKey) for a running job that sent WORK_STATUS 1/4, and for a handle (unique)
+/// the server never issued; Python gear's STATUS_RES handling likewise.
 #[test]
 fn status_of_running_and_unknown_jobs() {
     let srv = server();
     let dir = tempfile::tempdir().unwrap();
     let release = dir.path().join("release-php");
     let worker = php_worker(srv.port, 1, &[&format!("held=hold:{}", release.display())]);
-    let c = php_client(srv.port, "bg", &["held", "normal", "hold me"]).finish_ok();
+    let c = php_client(
+        srv.port,
+        "bg",
+        &["held", "normal", "hold me", "held-unique"],
+    )
+    .finish_ok();
     let handle = s(&c.one("queued")["handle"]).to_string();
     let job = worker.wait_event("job");
     assert_eq!(job["handle"], handle.as_str(), "{}", worker.diag());
@@ -751,6 +806,16 @@ fn status_of_running_and_unknown_jobs() {
     let js = format!("127.0.0.1:{}//{handle}", srv.port);
     let st = perl_client(srv.port, "status", &[&js]).finish_ok();
     assert_eq!(status_fields(&st.one("status")), want, "{}", st.diag());
+    // GET_STATUS_UNIQUE through PHP's jobStatusByUniqueKey.
+    let st = php_client(srv.port, "ustatus", &["held-unique"]).finish_ok();
+    assert_eq!(status_fields(&st.one("status")), want, "{}", st.diag());
+    let st = php_client(srv.port, "ustatus", &["no-such-unique"]).finish_ok();
+    assert_eq!(
+        status_fields(&st.one("status")),
+        (false, false, 0, 0),
+        "{}",
+        st.diag()
+    );
     let unknown = format!("H:{NODE}:987654321");
     let st = php_client(srv.port, "status", &[&unknown]).finish_ok();
     assert_eq!(
@@ -1178,7 +1243,8 @@ fn python_gear_client_and_worker() {
 
 /// gearadmin against gearhouse: --status, --priority-status, --workers, --show-jobs,
 /// --show-unique-jobs, --getpid and --server-version parse in gearmand's formats and report the
-/// server's real state (5 jobs, 1 running on 1 worker).
+/// server's real state (5 jobs, 1 running on 1 worker); --cancel-job, --create-function and
+/// --drop-function answer OK and take effect.
 #[test]
 fn gearadmin_reports_in_gearmand_formats() {
     let srv = server();
@@ -1239,7 +1305,10 @@ fn gearadmin_reports_in_gearmand_formats() {
         ps.diag()
     );
 
-    // workers: "FD IP CLIENT_ID : FUNC ...", then "."
+    // workers: "FD IP CLIENT_ID : FUNC ...", then "."; Python gear sets a client id.
+    let py = py_worker(srv.port, 0, &["adm_py=echo", "adm_py2=echo"]);
+    wait_status(&srv, "adm_py", "has a worker", |r| r.2 == 1);
+    let py_id = format!("interop-py-worker-{}", py.child.id());
     let wk = gearadmin(srv.port, "--workers");
     assert_eq!(
         wk.lines.last().map(String::as_str),
@@ -1247,7 +1316,7 @@ fn gearadmin_reports_in_gearmand_formats() {
         "{}",
         wk.diag()
     );
-    let mut with_adm = 0;
+    let (mut with_adm, mut with_py_id) = (0, 0);
     for l in &wk.lines[..wk.lines.len() - 1] {
         let (head, funcs) = l
             .split_once(" :")
@@ -1262,7 +1331,19 @@ fn gearadmin_reports_in_gearmand_formats() {
         if funcs.split_whitespace().eq(["adm"]) {
             with_adm += 1;
         }
+        if h[2] == py_id {
+            let mut f: Vec<&str> = funcs.split_whitespace().collect();
+            f.sort();
+            assert_eq!(f, ["adm_py", "adm_py2"], "bad line {l:?}\n{}", wk.diag());
+            with_py_id += 1;
+        }
     }
+    assert_eq!(
+        with_py_id,
+        1,
+        "the Python worker's client id\n{}",
+        wk.diag()
+    );
     assert_eq!(
         with_adm,
         1,
@@ -1320,9 +1401,26 @@ fn gearadmin_reports_in_gearmand_formats() {
     let v = gearadmin(srv.port, "--server-version");
     assert_eq!(v.stdout().trim(), env!("CARGO_PKG_VERSION"), "{}", v.diag());
 
+    // cancel a queued job; create and drop a function.
+    let victim = jobs
+        .iter()
+        .map(|l| l.split('\t').next().unwrap())
+        .find(|h| *h != s(&held["handle"]))
+        .unwrap();
+    let c = gearadmin(srv.port, &format!("--cancel-job={victim}"));
+    assert_eq!(c.stdout().trim(), "OK", "{}", c.diag());
+    assert_eq!(status_row(srv.port, "adm"), Some((4, 1, 1)));
+    let c = gearadmin(srv.port, "--create-function=made_up");
+    assert_eq!(c.stdout().trim(), "OK", "{}", c.diag());
+    assert_eq!(status_row(srv.port, "made_up"), Some((0, 0, 0)));
+    let c = gearadmin(srv.port, "--drop-function=made_up");
+    assert_eq!(c.stdout().trim(), "OK", "{}", c.diag());
+    assert_eq!(status_row(srv.port, "made_up"), None);
+
     std::fs::write(&release, b"go").unwrap();
     worker.finish_ok();
-    wait_status(&srv, "adm", "back to 4 queued, none running", |r| {
-        r == (4, 0, 0)
+    drop(py);
+    wait_status(&srv, "adm", "back to 3 queued, none running", |r| {
+        r == (3, 0, 0)
     });
 }

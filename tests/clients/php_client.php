@@ -14,6 +14,8 @@
 //       (OPTION_REQ exceptions) and sets the exception callback; 0 does neither.
 //   status PORT HANDLE
 //       jobStatus -> {"ev":"status","known":..,"running":..,"num":..,"den":..}
+//   ustatus PORT UNIQUE
+//       jobStatusByUniqueKey (GET_STATUS_UNIQUE) -> the same fields
 //   file PORT FUNC INFILE OUTFILE
 //       doNormal with INFILE's bytes; writes the result to OUTFILE
 //       -> {"ev":"result","rc":..,"size":..,"sha":..,"sent_size":..,"sent_sha":..}
@@ -93,6 +95,13 @@ switch ($mode) {
     case "status":
         $c = client($port);
         [$known, $running, $num, $den] = $c->jobStatus($argv[3]);
+        out(["ev" => "status", "known" => $known, "running" => $running, "num" => $num, "den" => $den,
+             "rc" => $c->returnCode()]);
+        exit(0);
+
+    case "ustatus":
+        $c = client($port);
+        [$known, $running, $num, $den] = $c->jobStatusByUniqueKey($argv[3]);
         out(["ev" => "status", "known" => $known, "running" => $running, "num" => $num, "den" => $den,
              "rc" => $c->returnCode()]);
         exit(0);
