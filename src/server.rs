@@ -309,10 +309,17 @@ impl Connection {
                         metrics.protocol_errors.with_label_values(&[e.code]).inc();
                         tracing::debug!(conn = self.id, error = %e, "refused request");
                         put_error(self.framed.write_buffer_mut(), &e);
+                        metrics.packets_out.inc();
                         return None;
                     }
                 };
+                // Answers written straight into the buffer are counted here; packets from
+                // other connections are counted in push_out.
+                let before = self.framed.write_buffer().len();
                 self.dispatch(req);
+                metrics
+                    .packets_out
+                    .inc_by(count_packets(&self.framed.write_buffer()[before..]));
                 None
             }
         }
@@ -350,4 +357,16 @@ impl Connection {
             Request::AllYours => {}
         }
     }
+}
+
+/// Number of whole binary packets in `buf` (which starts at a packet boundary).
+fn count_packets(buf: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut i = 0;
+    while let Some(h) = buf.get(i..i + HEADER_LEN) {
+        let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        i += HEADER_LEN + len;
+        n += 1;
+    }
+    n
 }

@@ -479,3 +479,32 @@ async fn a_hung_collector_drops_spans_and_never_slows_jobs() {
         0.0
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Metrics without Prometheus.
+
+/// Every packet a client receives is counted in `gearhouse_packets_sent_total`, including the
+/// direct answers (JOB_CREATED, ECHO_RES, JOB_ASSIGN, NO_JOB, ERROR), and bytes match.
+#[tokio::test]
+async fn packets_and_bytes_sent_count_every_answer() {
+    let server = common::TestServer::start(&[]).await;
+    let mut c = server.connect().await;
+    c.submit(SUBMIT_JOB_BG, "count", "", b"data").await; // JOB_CREATED
+    c.send(ECHO_REQ, &[b"echo"]).await;
+    c.expect(ECHO_RES).await;
+    let mut w = server.connect().await;
+    w.send(CAN_DO, &[b"count"]).await;
+    w.send(GRAB_JOB, &[]).await;
+    let a = w.expect(JOB_ASSIGN).await;
+    w.send(WORK_COMPLETE, &[a.arg(0).as_bytes(), b""]).await;
+    w.send(GRAB_JOB, &[]).await;
+    w.expect(NO_JOB).await;
+    w.send(WORK_COMPLETE, &[b"H:test:999", b""]).await;
+    w.expect(ERROR).await;
+    let sent = metric(server.http, "gearhouse_packets_sent_total").await;
+    assert_eq!(
+        sent, 5.0,
+        "JOB_CREATED, ECHO_RES, JOB_ASSIGN, NO_JOB, ERROR"
+    );
+    server.stop().await;
+}
