@@ -196,6 +196,7 @@ pub(super) struct Inner {
     repair_wake: Notify,
     started: AtomicBool,
     not_durable_logged: AtomicU64,
+    health: std::sync::OnceLock<Arc<Health>>,
 }
 
 /// The memcached mirror (cheap to clone).
@@ -265,6 +266,7 @@ impl MemcachedMirror {
                 repair_wake: Notify::new(),
                 started: AtomicBool::new(false),
                 not_durable_logged: AtomicU64::new(0),
+                health: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -326,6 +328,8 @@ impl MemcachedMirror {
         if inner.started.swap(true, Ordering::SeqCst) {
             return;
         }
+        let _ = inner.health.set(health.clone());
+        inner.refresh_health();
         for (node, conn, rx) in inner.receivers.lock().unwrap().drain(..) {
             tokio::spawn(writer(inner.clone(), node, conn, rx));
         }
@@ -424,6 +428,7 @@ impl Inner {
             *n.down_since.lock().unwrap() = Some(Instant::now());
             self.metrics.node_up.with_label_values(&[&n.addr]).set(0);
             tracing::error!(node = %n.addr, "memcached node is down: {why}");
+            self.refresh_health();
         }
     }
 
@@ -435,6 +440,21 @@ impl Inner {
             self.metrics.node_up.with_label_values(&[&n.addr]).set(1);
             tracing::info!(node = %n.addr, "memcached node is up");
             self.repair_wake.notify_one();
+            self.refresh_health();
+        }
+    }
+
+    /// Tells /readyz whether writes can be made durable now (refuse mode only: with
+    /// accept_in_memory the server keeps taking jobs).
+    fn refresh_health(&self) {
+        let Some(health) = self.health.get() else {
+            return;
+        };
+        let up = self.up_count();
+        if up < self.s.replicas && !self.s.accept_in_memory {
+            health.set_not_durable(Some(self.not_enough_nodes(up)));
+        } else {
+            health.set_not_durable(None);
         }
     }
 
@@ -1057,12 +1077,7 @@ async fn prober(inner: Arc<Inner>, health: Arc<Health>, shutdown: CancellationTo
                 }
             }
         }
-        let up = inner.up_count();
-        if up < inner.s.replicas && !inner.s.accept_in_memory {
-            health.set_not_durable(Some(inner.not_enough_nodes(up)));
-        } else {
-            health.set_not_durable(None);
-        }
+        inner.refresh_health();
         health.set_persistence_status(inner.status_json());
         tokio::select! {
             _ = shutdown.cancelled() => return,
