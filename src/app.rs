@@ -18,6 +18,8 @@ use crate::server;
 pub enum AppError {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Persist(#[from] crate::persist::PersistError),
 }
 
 /// Runs the server until `shutdown` is cancelled: recovery (when persistence is on), then the
@@ -32,23 +34,51 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let tracer = crate::telemetry::start(&cfg, &metrics);
     let observer = tracer.clone().map(|t| t as Arc<dyn crate::engine::JobObserver>);
-    let engine = Engine::new(cfg.engine_config(), metrics, None, observer);
-    tracing::info!(
-        listen = %gearman.local_addr()?,
-        http = %http_listener.local_addr()?,
-        node_id = %engine.config().node_id,
-        "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
-    );
+    let persistence = crate::persist::Settings::from_config(&cfg)?
+        .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
+    let mirror = persistence.as_ref().map(|p| p.mirror());
+    let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
+    if persistence.is_none() {
+        tracing::info!(
+            listen = %gearman.local_addr()?,
+            http = %http_listener.local_addr()?,
+            node_id = %engine.config().node_id,
+            "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
+        );
+    }
     let http_task = tokio::spawn(http::serve(
         http_listener,
         engine.clone(),
         health.clone(),
         shutdown.clone(),
     ));
+    if let Some(p) = &persistence {
+        // Recovery completes before the Gearman listener accepts anyone.
+        let started = tokio::select! {
+            r = p.start(&engine, health.clone(), shutdown.clone()) => r,
+            _ = shutdown.cancelled() => Err(crate::persist::PersistError::Shutdown),
+        };
+        if let Err(e) = started {
+            p.stop(Duration::ZERO).await;
+            let _ = http_task.await;
+            return match e {
+                crate::persist::PersistError::Shutdown => Ok(()),
+                e => Err(e.into()),
+            };
+        }
+        tracing::info!(
+            listen = %gearman.local_addr()?,
+            node_id = %engine.config().node_id,
+            "recovery done: accepting clients"
+        );
+    }
     health.set_ready(true);
     let server_cfg = Arc::new(cfg.server_config());
     server::run(gearman, engine, server_cfg, shutdown.clone()).await?;
     let grace = Duration::from_millis(cfg.server.shutdown_timeout_ms);
+    if let Some(p) = &persistence {
+        p.stop(grace).await;
+    }
     let _ = tokio::time::timeout(grace, http_task).await;
     if let Some(t) = tracer {
         let _ = tokio::task::spawn_blocking(move || t.shutdown(grace)).await;

@@ -18,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod persist;
 pub mod protocol;
 pub mod server;
 pub mod telemetry;

@@ -25,6 +25,33 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Move a dead node's durable queue from memcached into a running server, once.
+    Recover(RecoverArgs),
+}
+
+#[derive(clap::Args)]
+struct RecoverArgs {
+    /// Node id of the dead server whose queue is moved.
+    #[arg(long)]
+    from_node: String,
+    /// memcached nodes holding the queue, host:port[,host:port...].
+    #[arg(long, value_delimiter = ',', required = true)]
+    memcached: Vec<String>,
+    /// Key namespace the dead server used [persistence.namespace].
+    #[arg(long, default_value = "gearhouse")]
+    namespace: String,
+    /// Gearman address of the running server that receives the jobs.
+    #[arg(long, default_value = "127.0.0.1:4730")]
+    server: String,
+    /// Copies the dead server kept (persistence.replicas); 0 = 2 with two or more nodes, else 1.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// Submits in flight at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+    /// Name recorded in the takeover lock key.
+    #[arg(long, default_value = "gearhouse-recover")]
+    owner: String,
 }
 
 #[derive(clap::Args)]
@@ -47,6 +74,9 @@ struct ServeArgs {
     /// Attempts after which a job is dropped with WORK_FAIL, 0 = never [config: engine.job_retries].
     #[arg(long)]
     job_retries: Option<u32>,
+    /// memcached nodes for the durable queue, host:port[,host:port...] [config: persistence.memcached].
+    #[arg(long)]
+    memcached: Option<String>,
 }
 
 fn overrides(a: &ServeArgs) -> Vec<(&'static str, String)> {
@@ -61,6 +91,7 @@ fn overrides(a: &ServeArgs) -> Vec<(&'static str, String)> {
     put("log.level", &a.log_level);
     put("engine.node_id", &a.node_id);
     put("engine.job_retries", &a.job_retries.map(|v| v.to_string()));
+    put("persistence.memcached", &a.memcached);
     o
 }
 
@@ -82,9 +113,49 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
+fn recover(a: RecoverArgs) -> anyhow::Result<()> {
+    let mut log = gearhouse::config::Config::default().log;
+    if let Ok(l) = std::env::var("GEARHOUSE_LOG__LEVEL") {
+        log.level = l;
+    }
+    gearhouse::telemetry::init_logging(&log);
+    let replicas = if a.replicas == 0 {
+        if a.memcached.len() >= 2 {
+            2
+        } else {
+            1
+        }
+    } else {
+        a.replicas
+    };
+    let t = gearhouse::persist::takeover::RemoteTakeover {
+        memcached: a.memcached,
+        namespace: a.namespace,
+        from_node: a.from_node.clone(),
+        server: a.server,
+        owner: a.owner,
+        replicas,
+        parallel: a.parallel,
+        timeout: std::time::Duration::from_secs(30),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let sum = rt.block_on(gearhouse::persist::takeover::recover_into_server(&t))?;
+    println!(
+        "moved {} jobs of node {} into {} ({} refused)",
+        sum.moved, a.from_node, t.server, sum.refused
+    );
+    if sum.refused > 0 {
+        anyhow::bail!("{} jobs were refused and stay in memcached: run the command again", sum.refused);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Recover(a) => recover(a),
         Command::Serve(args) => {
             let file = args.config.clone().or_else(|| {
                 let d = PathBuf::from("config/default.toml");
