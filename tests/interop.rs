@@ -1061,6 +1061,66 @@ fn crashed_worker_job_is_requeued_and_completed() {
     wait_status(&srv, "crashy_bg", "drained", |r| r.0 == 0);
 }
 
+/// With `--job-retries 2`, a job whose worker crashes once is requeued; when its second worker
+/// crashes too it is dropped and the waiting PHP client gets WORK_FAIL (not a hang).
+#[test]
+fn job_retries_limit_fails_the_waiting_client() {
+    let srv = BinServer::start(&["--node-id", NODE, "--job-retries", "2"], &[]);
+    let client = php_client(srv.port, "tasks", &["doomed", "0", "-", "cursed"]);
+    client.wait_event("created");
+    for attempt in 1..=2 {
+        let w = php_worker(srv.port, 1, &["doomed=hang"]);
+        let job = w.wait_event("job");
+        assert_eq!(job["workload"], "cursed", "attempt {attempt}\n{}", w.diag());
+        w.kill9();
+        if attempt == 1 {
+            wait_status(&srv, "doomed", "requeued after one crash", |r| {
+                r == (1, 0, 0)
+            });
+        }
+    }
+    let c = client.finish_ok();
+    c.one("fail");
+    assert_eq!(c.all("complete").len(), 0, "{}", c.diag());
+    wait_status(&srv, "doomed", "dropped", |r| r == (0, 0, 0));
+}
+
+/// A foreground client that joins a queued background job (same function and unique) and then
+/// disconnects does not take the job with it; the next foreground client to join receives the
+/// background job's result.
+#[test]
+fn foreground_clients_joining_a_background_job() {
+    let srv = server();
+    let (func, unique) = ("mixed", "mixed-unique");
+    let c = php_client(srv.port, "bg", &[func, "normal", "bg payload", unique]).finish_ok();
+    let handle = c.one("queued")["handle"].clone();
+
+    let quitter = php_client(srv.port, "tasks", &[func, "0", unique, "ignored 1"]);
+    assert_eq!(quitter.wait_event("created")["handle"], handle);
+    assert_eq!(waiting_clients(srv.port, unique), 1);
+    quitter.kill9();
+    let deadline = Instant::now() + T;
+    while waiting_clients(srv.port, unique) != 0 {
+        assert!(Instant::now() < deadline, "the killed client still waits");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        status_row(srv.port, func),
+        Some((1, 0, 0)),
+        "the job must survive"
+    );
+
+    let joiner = php_client(srv.port, "tasks", &[func, "0", unique, "ignored 2"]);
+    assert_eq!(joiner.wait_event("created")["handle"], handle);
+    let w = php_worker(srv.port, 1, &[&format!("{func}=reverse")]).finish_ok();
+    assert_eq!(w.one("job")["workload"], "bg payload", "{}", w.diag());
+    let j = joiner.finish_ok();
+    let done = j.one("complete");
+    assert_eq!(done["handle"], handle, "{}", j.diag());
+    assert_eq!(done["data"], "daolyap gb", "{}", j.diag());
+    wait_status(&srv, func, "drained", |r| r == (0, 0, 0));
+}
+
 /// Four workers (two PHP, one Perl, one Python gear) share 200 foreground jobs from one PHP
 /// client: every job is done exactly once, every result comes back, and the load is shared.
 #[test]
