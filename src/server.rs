@@ -171,7 +171,15 @@ impl Connection {
                     .inc();
                 tracing::info!(conn = self.id, peer = %self.peer, "closing connection: frame not completed within server.frame_timeout_ms");
             }
-            Close::Killed | Close::Shutdown | Close::Peer => {}
+            Close::Shutdown => {
+                // Results and wake-ups other connections already produced for this peer are
+                // replies it is owed: they go out with the rest of the buffer.
+                self.rx.close();
+                while let Ok(p) = self.rx.try_recv() {
+                    self.push_out(p);
+                }
+            }
+            Close::Killed | Close::Peer => {}
         }
         // Whatever is already buffered for the peer still goes out, unless the peer was closed
         // for not reading.
