@@ -759,7 +759,10 @@ impl Engine {
                 job.state = JobState::Scheduled;
                 let seq = job.seq;
                 st.functions[job.func as usize].scheduled += 1;
-                let due = now_ns + Duration::from_secs(epoch - now).as_nanos() as u64;
+                // Saturating: a far-future epoch must not wrap around into "due now".
+                let due = (epoch - now)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(now_ns);
                 self.add_timer(st, due, Timer::EpochDue { slot, seq });
                 return;
             }
@@ -922,8 +925,11 @@ impl Engine {
         let Some(c) = st.conns.get_mut(&conn) else {
             return Ok(());
         };
-        // A timeout of 0 means none, whether the function is new or registered again.
-        let timeout_ms = timeout_ms.filter(|&t| t > 0);
+        // A timeout of 0 means none, whether the function is new or registered again. Like
+        // gearmand 1.1.20, anything under 1000 ms counts as 1000 ms: libgearman, PHP, Perl and
+        // Python document this number in seconds, so `addFunction(f, cb, ctx, 30)` must not
+        // take jobs away from their worker after 30 ms.
+        let timeout_ms = timeout_ms.filter(|&t| t > 0).map(|t| t.max(1000));
         if let Some(a) = c.abilities.iter_mut().find(|a| a.func == func) {
             a.timeout_ms = timeout_ms;
             return Ok(());

@@ -962,3 +962,37 @@ async fn an_epoch_job_wakes_a_sleeping_worker_when_due_and_not_before() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_far_future_epoch_job_is_not_handed_out() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.connect().await;
+    let now = unix_secs_f64() as u64;
+    // 2^55 s in nanoseconds is a multiple of 2^64: a wrapping computation would make it due now.
+    let mut handles = Vec::new();
+    for epoch in [now + (1 << 55), now + (1 << 55) + 1, u64::MAX] {
+        handles.push(
+            submit_raw(
+                &mut client,
+                SUBMIT_JOB_EPOCH,
+                &[b"far", b"", epoch.to_string().as_bytes(), b"not yet"],
+            )
+            .await,
+        );
+    }
+    let mut w = worker(&server, &[b"far"]).await;
+    w.send(PRE_SLEEP, &[]).await;
+    assert!(w.recv_timeout(Duration::from_millis(300)).await.is_none());
+    w.send(GRAB_JOB, &[]).await;
+    w.expect(NO_JOB).await;
+    for h in &handles {
+        client.send(GET_STATUS, &[h.as_bytes()]).await;
+        expect_pkt(
+            &mut client,
+            STATUS_RES,
+            &[h.as_bytes(), b"1", b"0", b"0", b"0"],
+        )
+        .await;
+    }
+    server.stop().await;
+}
