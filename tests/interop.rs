@@ -1061,6 +1061,49 @@ fn crashed_worker_job_is_requeued_and_completed() {
     wait_status(&srv, "crashy_bg", "drained", |r| r.0 == 0);
 }
 
+/// PHP's `addFunction(name, cb, ctx, timeout)` (libgearman CAN_DO_TIMEOUT): the documented unit is
+/// seconds, gearmand 1.1.20 reads milliseconds and raises anything under 1000 to 1000. So a
+/// worker registered with timeout 1 that takes 300 ms must finish normally (not be requeued
+/// after 1 ms), and one that takes longer than a second loses the job to another worker.
+#[test]
+fn php_worker_timeout_has_gearmands_one_second_floor() {
+    let srv = server();
+    let w = php_worker(srv.port, 1, &["tq@1=sleep:300"]);
+    wait_status(&srv, "tq", "has a worker", |r| r.2 == 1);
+    let c = php_client(srv.port, "tasks", &["tq", "0", "-", "in time"]);
+    let w = w.finish_ok();
+    assert_eq!(w.one("exit")["jobs"], 1, "{}", w.diag());
+    let c = c.finish_ok();
+    assert_eq!(c.one("complete")["data"], "r:in time", "{}", c.diag());
+
+    // Past the floor the job is requeued and another worker completes it.
+    let slow = php_worker(srv.port, 1, &["tl@1=sleep:4000"]);
+    wait_status(&srv, "tl", "has a worker", |r| r.2 == 1);
+    let c = php_client(srv.port, "tasks", &["tl", "0", "-", "too slow"]);
+    let taken = slow.wait_event("job");
+    let at = Instant::now();
+    assert_eq!(
+        status_row(srv.port, "tl").map(|r| r.1),
+        Some(1),
+        "requeued at once\n{}",
+        srv.log_text()
+    );
+    let rescuer = py_worker(srv.port, 1, &["tl=echo"]).finish_ok();
+    let waited = at.elapsed();
+    assert_eq!(
+        rescuer.one("job")["handle"],
+        taken["handle"],
+        "{}",
+        rescuer.diag()
+    );
+    let c = c.finish_ok();
+    assert_eq!(c.one("complete")["data"], "too slow", "{}", c.diag());
+    assert!(
+        waited < Duration::from_secs(4),
+        "requeued only after {waited:?}"
+    );
+}
+
 /// With `--job-retries 2`, a job whose worker crashes once is requeued; when its second worker
 /// crashes too it is dropped and the waiting PHP client gets WORK_FAIL (not a hang).
 #[test]

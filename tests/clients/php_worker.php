@@ -1,8 +1,10 @@
 <?php
 // A real PHP GearmanWorker (pecl gearman on libgearman) driven by tests/interop.rs.
 //
-//   php php_worker.php PORT COUNT FUNC=BEHAVIOUR [FUNC=BEHAVIOUR ...]
+//   php php_worker.php PORT COUNT FUNC[@TIMEOUT]=BEHAVIOUR [FUNC[@TIMEOUT]=BEHAVIOUR ...]
 //
+// With @TIMEOUT the function is registered with addFunction's timeout argument (libgearman sends
+// CAN_DO_TIMEOUT with that number).
 // Registers every FUNC and works COUNT jobs (0 = until killed or 60 s idle), then exits 0.
 // Prints one JSON object per line on stdout, flushed at once:
 //   {"ev":"job","func":..,"handle":..,"unique":..,"size":..,"sha":..,"workload":..}  when a job
@@ -49,6 +51,10 @@ $worker->setTimeout(1000);
 
 for ($i = 3; $i < $argc; $i++) {
     [$func, $behaviour] = explode("=", $argv[$i], 2);
+    $timeout = 0;
+    if (strpos($func, "@") !== false) {
+        [$func, $timeout] = explode("@", $func, 2);
+    }
     $worker->addFunction($func, function (GearmanJob $job) use ($behaviour) {
         $w = $job->workload();
         $arg = null;
@@ -98,7 +104,7 @@ for ($i = 3; $i < $argc; $i++) {
                 fwrite(STDERR, "unknown behaviour $behaviour\n");
                 exit(2);
         }
-    });
+    }, null, (int)$timeout);
 }
 
 $jobs = 0;
