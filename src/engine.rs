@@ -1227,6 +1227,13 @@ impl Engine {
             self.remove_job(st, slot, JobOutcome::Dropped);
             return;
         }
+        if !job.background && job.waiters().is_empty() {
+            // A foreground job whose clients all left while it ran: nobody would get its
+            // result, so it is not run again (gearmand's ignore_job).
+            tracing::debug!(handle = %String::from_utf8_lossy(&self.handle_of(seq)), "dropped: {why}, and no client waits for it");
+            self.remove_job(st, slot, JobOutcome::Cancelled);
+            return;
+        }
         f.metrics.retried.inc();
         tracing::debug!(handle = %String::from_utf8_lossy(&self.handle_of(seq)), "requeued: {why}");
         self.enqueue(st, slot, now);

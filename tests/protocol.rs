@@ -791,6 +791,28 @@ async fn a_running_job_survives_its_client_leaving() {
 }
 
 #[tokio::test]
+async fn a_foreground_job_nobody_waits_for_is_not_requeued_when_its_worker_fails() {
+    let server = TestServer::start(&[]).await;
+    let mut admin = server.connect().await;
+    let mut c = server.connect().await;
+    let h = c.submit(SUBMIT_JOB, "orphan", "o-1", b"x").await;
+    let mut w1 = worker(&server, &[b"orphan"]).await;
+    w1.send(GRAB_JOB, &[]).await;
+    w1.expect(JOB_ASSIGN).await;
+    drop(c);
+    admin_until(&mut admin, "workers", |o| o.lines().count() == 3).await;
+    assert_eq!(admin.admin("show jobs").await, format!("{h}\t0\t0\t0\n.\n"));
+    let mut w2 = worker(&server, &[b"orphan"]).await;
+    drop(w1);
+    admin_until(&mut admin, "workers", |o| o.lines().count() == 3).await;
+    // Nobody would receive the result: the job is gone, not handed to another worker.
+    assert_eq!(admin.admin("show jobs").await, ".\n");
+    w2.send(GRAB_JOB, &[]).await;
+    w2.expect(NO_JOB).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_worker_disconnect_requeues_its_job_forever_by_default() {
     let server = TestServer::start(&[]).await;
     let mut client = server.connect().await;
