@@ -664,8 +664,8 @@ impl CpuMeter {
         }
     }
 
-    /// ` server_cpu_s=.. loadgen_cpu_s=..` and a human line; `jobs` gives CPU per job.
-    fn report(&self, jobs: u64) -> String {
+    /// A human line and the ` server_cpu_s=.. loadgen_cpu_s=..` fields; `jobs` gives CPU per job.
+    fn report(&self, jobs: u64) -> (String, String) {
         let server = self
             .pid
             .and_then(|p| cpu_seconds(&p.to_string()))
@@ -673,9 +673,10 @@ impl CpuMeter {
             .map(|(a, b)| a - b);
         let me = cpu_seconds("self").zip(self.self0).map(|(a, b)| a - b);
         let mut out = String::new();
+        let mut line = String::new();
         if let Some(s) = server {
-            println!(
-                "  server CPU {:.2} s ({:.2} us/job); load generator CPU {:.2} s",
+            line = format!(
+                "  server CPU {:.2} s ({:.2} us/job); load generator CPU {:.2} s\n",
                 s,
                 s * 1e6 / jobs.max(1) as f64,
                 me.unwrap_or(f64::NAN)
@@ -685,7 +686,7 @@ impl CpuMeter {
         if let Some(m) = me {
             out.push_str(&format!(" loadgen_cpu_s={m:.2}"));
         }
-        out
+        (line, out)
     }
 }
 
@@ -741,7 +742,7 @@ async fn background(args: &Args) -> io::Result<()> {
     let end = last.unwrap_or_else(Instant::now);
     let e2e = end - t0;
     let sub = submitted_at - t0;
-    let cpu = cpu.report(completed);
+    let (cpu_line, cpu) = cpu.report(completed);
     let left = queue_depth(&args, &args.function).await.unwrap_or(u64::MAX);
     println!(
         "background: {n} jobs of {} bytes, {} clients (pipeline {}), {} workers",
@@ -760,6 +761,7 @@ async fn background(args: &Args) -> io::Result<()> {
         e2e.as_secs_f64(),
         rate(completed, e2e)
     );
+    print!("{cpu_line}");
     println!(
         "RESULT mode=background label={} jobs={n} created={created} completed={completed} left={left} seconds={:.4} jobs_per_s={:.0} submit_per_s={:.0}{cpu}{}{}",
         args.label,
@@ -810,7 +812,7 @@ async fn foreground(args: &Args) -> io::Result<()> {
         lat[i] as f64 / 1e6
     };
     let done = lat.len() as u64;
-    let cpu = cpu.report(done);
+    let (cpu_line, cpu) = cpu.report(done);
     println!(
         "foreground: {done} round trips of {} bytes, {} clients (pipeline {}), {} workers",
         args.payload,
@@ -827,6 +829,7 @@ async fn foreground(args: &Args) -> io::Result<()> {
         pct(0.999),
         pct(1.0)
     );
+    print!("{cpu_line}");
     println!(
         "RESULT mode=foreground label={} jobs={done} seconds={:.4} rt_per_s={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3}{cpu}{}{}",
         args.label,
@@ -868,7 +871,7 @@ async fn submit_only(args: &Args) -> io::Result<()> {
     }
     let created = progress.created.load(Ordering::Acquire);
     let total = end - t0;
-    let cpu = cpu.report(created);
+    let (cpu_line, cpu) = cpu.report(created);
     println!(
         "submit-only: {n} background jobs of {} bytes, {} clients (pipeline {}), no worker",
         args.payload,
@@ -891,6 +894,7 @@ async fn submit_only(args: &Args) -> io::Result<()> {
     );
     let first = rates.first().cloned().unwrap_or_default();
     let last = rates.last().cloned().unwrap_or_default();
+    print!("{cpu_line}");
     println!(
         "RESULT mode=submit-only label={} jobs={n} created={created} seconds={:.4} submit_per_s={:.0} first_segment={first} last_segment={last} segments={}{cpu}{}{}",
         args.label,
@@ -921,13 +925,14 @@ async fn drain(args: &Args) -> io::Result<()> {
     let t0 = Instant::now();
     let (completed, last) = join_workers(workers).await?;
     let e = last.unwrap_or_else(Instant::now) - t0;
-    let cpu = cpu.report(completed);
+    let (cpu_line, cpu) = cpu.report(completed);
     println!(
         "drain: {completed} jobs by {} workers in {:.3} s: {:.0} jobs/s",
         args.workers,
         e.as_secs_f64(),
         rate(completed, e)
     );
+    print!("{cpu_line}");
     println!(
         "RESULT mode=drain label={} jobs={completed} seconds={:.4} jobs_per_s={:.0}{cpu}{}{}",
         args.label,
