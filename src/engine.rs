@@ -1235,6 +1235,11 @@ impl Engine {
             return;
         }
         f.metrics.retried.inc();
+        // The next attempt starts from scratch: GET_STATUS must not report the lost worker's
+        // progress (gearmand resets it to 0/0 on requeue too).
+        if let Some(e) = job.extra.as_mut() {
+            e.status = None;
+        }
         tracing::debug!(handle = %String::from_utf8_lossy(&self.handle_of(seq)), "requeued: {why}");
         self.enqueue(st, slot, now);
     }

@@ -1049,11 +1049,33 @@ fn crashed_worker_job_is_requeued_and_completed() {
     assert_eq!(c.all("fail").len(), 0, "{}", c.diag());
     wait_status(&srv, "crashy", "empty with no worker", |r| r == (0, 0, 0));
 
-    // Background: the job survives its worker's crash too.
+    // Background: the job survives its worker's crash too, and the dead worker's WORK_STATUS
+    // does not outlive it (gearmand resets a requeued job's progress to 0/0).
     gearman(srv.port, &["-b", "-f", "crashy_bg", "background cargo"]).finish_ok();
-    let doomed = php_worker(srv.port, 1, &["crashy_bg=hang"]);
+    let never = std::env::temp_dir().join("gearhouse-interop-never-created");
+    let doomed = php_worker(
+        srv.port,
+        1,
+        &[&format!("crashy_bg=hold:{}", never.display())],
+    );
     let taken = doomed.wait_event("job");
+    let handle = s(&taken["handle"]).to_string();
+    let st = php_status_until(srv.port, &handle, |v| v == (true, true, 1, 4));
+    assert_eq!(
+        status_fields(&st.one("status")),
+        (true, true, 1, 4),
+        "{}",
+        st.diag()
+    );
     doomed.kill9();
+    wait_status(&srv, "crashy_bg", "requeued", |r| r == (1, 0, 0));
+    let st = php_client(srv.port, "status", &[&handle]).finish_ok();
+    assert_eq!(
+        status_fields(&st.one("status")),
+        (true, false, 0, 0),
+        "{}",
+        st.diag()
+    );
     let rescuer = perl_worker(srv.port, 1, &["crashy_bg=echo"]).finish_ok();
     let job = rescuer.one("job");
     assert_eq!(job["handle"], taken["handle"], "{}", rescuer.diag());
