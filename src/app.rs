@@ -37,6 +37,7 @@ pub async fn run(
     let persistence = crate::persist::Settings::from_config(&cfg)?
         .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
     let mirror = persistence.as_ref().map(|p| p.mirror());
+    let mirror = crate::telemetry::traced_mirror(mirror, &tracer);
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
     if persistence.is_none() {
         tracing::info!(

@@ -61,8 +61,10 @@ pub enum TelemetryError {
 pub fn init_logging(cfg: &LogSection) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: log files and journald get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if cfg.format == "json" {
         b.json().flatten_event(true).init();
@@ -328,6 +330,15 @@ impl JobTrace {
     }
 }
 
+/// What the tracer holds while jobs live.
+#[derive(Default)]
+struct Inflight {
+    /// Traced jobs by sequence number.
+    jobs: HashMap<u64, JobTrace>,
+    /// A durable write handed to the mirror for a job not reported yet: (seq, when).
+    early_write: Option<(u64, SystemTime)>,
+}
+
 /// A job that ended, on its way to the export thread.
 struct Finished {
     trace: JobTrace,
@@ -345,7 +356,7 @@ enum Msg {
 pub struct JobTracer {
     /// Traced jobs by sequence number. Locked only while the engine lock is held (engine →
     /// tracer), for a map operation and a few timestamps; the export thread never takes it.
-    jobs: Mutex<HashMap<u64, JobTrace>>,
+    jobs: Mutex<Inflight>,
     ids: RandomIdGenerator,
     /// A job is traced when the low 63 bits of its trace id are below this (as the
     /// OpenTelemetry TraceIdRatioBased sampler decides); `u64::MAX` = every job.
@@ -424,7 +435,7 @@ impl JobTracer {
             "exporting one trace per job over OTLP/HTTP"
         );
         Ok(Arc::new(JobTracer {
-            jobs: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(Inflight::default()),
             ids: RandomIdGenerator::default(),
             sample_bound,
             max_in_flight: settings.max_jobs_in_flight,
@@ -442,13 +453,13 @@ impl JobTracer {
         &self.settings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, JobTrace>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inflight> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The trace id of a job that is being traced.
     pub fn trace_id_of(&self, seq: u64) -> Option<TraceId> {
-        self.lock().get(&seq).map(|t| t.trace_id)
+        self.lock().jobs.get(&seq).map(|t| t.trace_id)
     }
 
     fn sampled(&self, id: TraceId) -> bool {
@@ -476,7 +487,7 @@ impl JobTracer {
         if !self.flush(timeout) {
             tracing::warn!("trace export did not finish within {timeout:?} at shutdown");
         }
-        let untraced = self.lock().len();
+        let untraced = self.lock().jobs.len();
         if untraced > 0 {
             tracing::info!(
                 jobs = untraced,
@@ -514,8 +525,14 @@ impl JobTracer {
 
     /// Records that a durable write of job `seq` was handed to the mirror.
     fn persist_started(&self, seq: u64) {
-        if let Some(t) = self.lock().get_mut(&seq) {
-            t.persist_since.get_or_insert_with(SystemTime::now);
+        let now = SystemTime::now();
+        let mut g = self.lock();
+        match g.jobs.get_mut(&seq) {
+            Some(t) => {
+                t.persist_since.get_or_insert(now);
+            }
+            // A new job's write is handed over just before `submitted` reports the job.
+            None => g.early_write = Some((seq, now)),
         }
     }
 }
@@ -526,7 +543,12 @@ impl JobObserver for JobTracer {
         if !self.sampled(trace_id) {
             return;
         }
-        let mut jobs = self.lock();
+        let mut g = self.lock();
+        let persist_since = match g.early_write.take() {
+            Some((seq, t)) if seq == job.seq => Some(t),
+            _ => None,
+        };
+        let jobs = &mut g.jobs;
         if jobs.len() >= self.max_in_flight {
             self.metrics.untraced.inc();
             return;
@@ -535,14 +557,15 @@ impl JobObserver for JobTracer {
             job.seq,
             JobTrace {
                 trace_id,
-                submitted: SystemTime::now(),
+                // The job's life starts with its durable write, when it has one.
+                submitted: persist_since.unwrap_or_else(SystemTime::now),
                 handle: String::from_utf8_lossy(job.handle).into(),
                 function: String::from_utf8_lossy(job.function).into(),
                 unique: String::from_utf8_lossy(job.unique).into(),
                 priority: job.priority,
                 background: job.background,
                 client: job.client.as_ref().map(Peer::of),
-                persist_since: None,
+                persist_since,
                 persisted: Vec::new(),
                 queued_since: None,
                 running: None,
@@ -553,7 +576,7 @@ impl JobObserver for JobTracer {
     }
 
     fn queued(&self, seq: u64) {
-        if let Some(t) = self.lock().get_mut(&seq) {
+        if let Some(t) = self.lock().jobs.get_mut(&seq) {
             let now = SystemTime::now();
             if let Some(start) = t.persist_since.take() {
                 t.persisted.push((start, now));
@@ -563,7 +586,7 @@ impl JobObserver for JobTracer {
     }
 
     fn assigned(&self, seq: u64, attempt: u32, worker: &PeerInfo<'_>) {
-        if let Some(t) = self.lock().get_mut(&seq) {
+        if let Some(t) = self.lock().jobs.get_mut(&seq) {
             let now = SystemTime::now();
             t.close_queue(now);
             t.running = Some((attempt, now, Peer::of(worker)));
@@ -571,7 +594,7 @@ impl JobObserver for JobTracer {
     }
 
     fn requeued(&self, seq: u64, reason: &str) {
-        if let Some(t) = self.lock().get_mut(&seq) {
+        if let Some(t) = self.lock().jobs.get_mut(&seq) {
             let attempt = t.running.as_ref().map(|r| r.0).unwrap_or(0);
             t.close_attempt(SystemTime::now(), Some(reason));
             tracing::info!(
@@ -587,9 +610,9 @@ impl JobObserver for JobTracer {
 
     fn finished(&self, seq: u64, outcome: JobOutcome) {
         let (t, left) = {
-            let mut jobs = self.lock();
-            let t = jobs.remove(&seq);
-            (t, jobs.len())
+            let mut g = self.lock();
+            let t = g.jobs.remove(&seq);
+            (t, g.jobs.len())
         };
         let Some(t) = t else { return };
         self.metrics.in_flight.set(left as i64);
@@ -624,6 +647,17 @@ pub struct TracedMirror {
 impl TracedMirror {
     pub fn wrap(inner: Arc<dyn Mirror>, tracer: Arc<JobTracer>) -> Arc<dyn Mirror> {
         Arc::new(TracedMirror { inner, tracer })
+    }
+}
+
+/// The mirror the engine should use: wrapped for `persist` spans when tracing is on.
+pub fn traced_mirror(
+    mirror: Option<Arc<dyn Mirror>>,
+    tracer: &Option<Arc<JobTracer>>,
+) -> Option<Arc<dyn Mirror>> {
+    match (mirror, tracer) {
+        (Some(m), Some(t)) => Some(TracedMirror::wrap(m, t.clone())),
+        (m, _) => m,
     }
 }
 
