@@ -216,6 +216,9 @@ impl Connection {
                         Ok(f) => f,
                         Err(e) => return Close::Framing(e),
                     };
+                    // A frame completed: whatever is buffered now belongs to a newer frame,
+                    // whose time starts now.
+                    partial_since = None;
                     if let Some(close) = self.handle(frame) {
                         return close;
                     }

@@ -361,6 +361,42 @@ async fn a_client_dripping_bytes_is_closed_after_the_frame_timeout() {
 }
 
 #[tokio::test]
+async fn a_client_whose_writes_end_mid_packet_but_keep_completing_frames_is_not_closed() {
+    let server = TestServer::start(&[("GEARHOUSE_SERVER__FRAME_TIMEOUT_MS", "300")]).await;
+    let mut c = server.connect().await;
+    let mut all = BytesMut::new();
+    let n = 30;
+    for i in 0..n {
+        put_packet(
+            &mut all,
+            MAGIC_REQ,
+            ECHO_REQ,
+            &[format!("echo-{i:03}").as_bytes()],
+        );
+    }
+    let len = all.len() / n;
+    // Every write completes the previous packet and starts the next: each frame takes 40 ms,
+    // but the server never sees an empty buffer for 1.2 s.
+    let mut start = 0;
+    for k in 0..n {
+        let end = ((k + 1) * len + len / 2).min(all.len());
+        c.send_raw(&all[start..end]).await;
+        start = end;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for i in 0..n {
+        let r = c
+            .recv_timeout(Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("closed or silent before echo {i}"));
+        assert_eq!(r.kind, ECHO_RES);
+        assert_eq!(&r.body[..], format!("echo-{i:03}").as_bytes());
+    }
+    echo_ok(&mut c, "still open").await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn max_connections_refuses_the_fourth() {
     let server = TestServer::start(&[("GEARHOUSE_SERVER__MAX_CONNECTIONS", "3")]).await;
     let mut conns = Vec::new();
