@@ -1020,3 +1020,37 @@ async fn a_far_future_epoch_job_is_not_handed_out() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn work_fail_reaches_every_waiting_client_and_ends_the_job() {
+    let server = TestServer::start(&[]).await;
+    let mut c1 = server.connect().await;
+    let mut c2 = server.connect().await;
+    let h = c1.submit(SUBMIT_JOB, "fails", "fx", b"x").await;
+    assert_eq!(c2.submit(SUBMIT_JOB_LOW, "fails", "fx", b"x").await, h);
+    let mut w = worker(&server, &[b"fails"]).await;
+    w.send(GRAB_JOB, &[]).await;
+    w.expect(JOB_ASSIGN).await;
+    w.send(WORK_FAIL, &[h.as_bytes()]).await;
+    expect_pkt(&mut c1, WORK_FAIL, &[h.as_bytes()]).await;
+    expect_pkt(&mut c2, WORK_FAIL, &[h.as_bytes()]).await;
+    assert_eq!(c1.admin("show jobs").await, ".\n");
+    w.send(GRAB_JOB, &[]).await;
+    w.expect(NO_JOB).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn submit_job_sched_is_refused_and_the_connection_stays() {
+    let server = TestServer::start(&[]).await;
+    let mut c = server.connect().await;
+    c.send(
+        SUBMIT_JOB_SCHED,
+        &[b"cron", b"", b"0", b"0", b"1", b"1", b"0", b"d"],
+    )
+    .await;
+    assert_eq!(c.expect(ERROR).await.arg(0), "INVALID_COMMAND");
+    assert_quiet(&mut c).await;
+    assert_eq!(c.admin("status").await, ".\n");
+    server.stop().await;
+}
