@@ -174,7 +174,7 @@ impl Default for PersistenceSection {
             replicas: 0,
             on_failure: "refuse".into(),
             write_timeout_ms: 2_000,
-            connections_per_node: 2,
+            connections_per_node: 1,
             max_batch: 512,
             max_pending_writes: 100_000,
             recover_from_node: String::new(),

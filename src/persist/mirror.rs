@@ -197,6 +197,10 @@ pub(super) struct Inner {
     started: AtomicBool,
     not_durable_logged: AtomicU64,
     health: std::sync::OnceLock<Arc<Health>>,
+    /// Deletes held back by writers (see `DELETE_DELAY`).
+    deferred: AtomicUsize,
+    /// Set at shutdown: writers send held-back deletes at once.
+    flushing: AtomicBool,
 }
 
 /// The memcached mirror (cheap to clone).
@@ -267,6 +271,8 @@ impl MemcachedMirror {
                 started: AtomicBool::new(false),
                 not_durable_logged: AtomicU64::new(0),
                 health: std::sync::OnceLock::new(),
+                deferred: AtomicUsize::new(0),
+                flushing: AtomicBool::new(false),
             }),
         }
     }
@@ -348,10 +354,13 @@ impl MemcachedMirror {
         tokio::spawn(repairer(inner.clone(), shutdown));
     }
 
-    /// Waits until no write is in flight, at most `grace`.
+    /// Waits until no write is in flight and held-back deletes are sent, at most `grace`.
     pub async fn flush(&self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        while self.pending() > 0 && Instant::now() < deadline {
+        self.inner.flushing.store(true, Ordering::SeqCst);
+        while (self.pending() > 0 || self.inner.deferred.load(Ordering::SeqCst) > 0)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -761,6 +770,14 @@ fn explain(addr: &str, reply: &Reply, value_len: usize) -> String {
     }
 }
 
+/// Deletes wait this long for company: a batch of deletes costs memcached one wake-up instead
+/// of one per job. (A crash inside this window can run a just-finished job again.)
+const DELETE_DELAY: Duration = Duration::from_millis(5);
+
+/// Sequence numbers a watermark key covers beyond the highest written, so most batches need
+/// no watermark write. (Handles after a restart skip at most this many numbers.)
+const HIGH_RESERVE: u64 = 4096;
+
 /// One writer task per connection of a node.
 async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::Receiver<Op>) {
     let addr = inner.nodes[node].addr.clone();
@@ -770,27 +787,71 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
     let idle = inner.s.repair_interval.min(Duration::from_secs(1));
     let mut conn: Option<Connection> = None;
     let mut conn_gen = 0u64;
-    let mut last_meta = (0u64, 0u64);
+    // The range this connection's watermark key covers on the node (empty: none written).
+    let mut covered = (u64::MAX, 0u64);
+    let mut incoming: Vec<Op> = Vec::with_capacity(max_batch);
     let mut batch: Vec<Op> = Vec::with_capacity(max_batch);
+    let mut deferred: Vec<Op> = Vec::new();
+    let mut deferred_since: Option<Instant> = None;
+    let mut last_refresh = Instant::now();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(max_batch);
     let mut completions = Vec::new();
     loop {
-        batch.clear();
+        incoming.clear();
+        let wait = match deferred_since {
+            Some(_) if inner.flushing.load(Ordering::SeqCst) => Duration::from_millis(1),
+            Some(t) => (t + DELETE_DELAY).saturating_duration_since(Instant::now()),
+            None => idle,
+        };
         tokio::select! {
-            n = rx.recv_many(&mut batch, max_batch) => {
+            n = rx.recv_many(&mut incoming, max_batch) => {
                 if n == 0 {
                     return;
                 }
+                if n < max_batch {
+                    // Let other tasks add to this batch before it goes out.
+                    tokio::task::yield_now().await;
+                    while incoming.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(op) => incoming.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                }
             }
-            _ = tokio::time::sleep(idle) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        let meta = (
+        batch.clear();
+        for op in incoming.drain(..) {
+            match op {
+                Op::Set { .. } => batch.push(op),
+                Op::Delete { .. } => {
+                    deferred_since.get_or_insert_with(Instant::now);
+                    inner.deferred.fetch_add(1, Ordering::SeqCst);
+                    deferred.push(op);
+                }
+            }
+        }
+        let deletes_due = deferred.len() >= max_batch
+            || deferred_since.is_some_and(|t| t.elapsed() >= DELETE_DELAY)
+            || (!deferred.is_empty() && inner.flushing.load(Ordering::SeqCst));
+        let (low, high) = (
             inner.low.load(Ordering::SeqCst),
             inner.high.load(Ordering::SeqCst),
         );
-        if batch.is_empty() && (meta == last_meta || !inner.is_up(node)) {
+        // Advance the low watermark now and then, so recovery reads a short range.
+        let refresh = covered.0 != u64::MAX
+            && low > covered.0
+            && last_refresh.elapsed() >= idle
+            && inner.is_up(node);
+        if batch.is_empty() && !deletes_due && !refresh {
             continue;
+        }
+        if !batch.is_empty() || deletes_due {
+            inner.deferred.fetch_sub(deferred.len(), Ordering::SeqCst);
+            batch.append(&mut deferred);
+            deferred_since = None;
         }
         outcomes.clear();
         if !inner.is_up(node) {
@@ -806,6 +867,7 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                 conn = None;
             }
             if conn.is_none() {
+                covered = (u64::MAX, 0);
                 match Connection::connect(&addr, timeout).await {
                     Ok(c) => {
                         conn = Some(c);
@@ -827,8 +889,18 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                     outcomes.extend(batch.iter().map(|_| Outcome::NodeFailed(why.clone())));
                 }
                 Some(c) => {
+                    // A batch that needs it starts with this connection's watermark key
+                    // (decided after connecting: a new connection covers nothing yet).
+                    let needs_cover = batch.iter().any(|op| match op {
+                        Op::Set { job, .. } => job.seq < covered.0 || job.seq > covered.1,
+                        Op::Delete { .. } => false,
+                    });
+                    let meta = (needs_cover || refresh)
+                        .then(|| (low, high.max(covered.1) + HIGH_RESERVE));
                     buf.clear();
-                    client::put_set(&mut buf, &meta_key, &record::encode_meta(meta.0, meta.1));
+                    if let Some((lo, hi)) = meta {
+                        client::put_set(&mut buf, &meta_key, &record::encode_meta(lo, hi));
+                    }
                     for op in &batch {
                         match op {
                             Op::Set { job, .. } => client::put_set(&mut buf, &job.key, &job.value),
@@ -838,11 +910,12 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                             ),
                         }
                     }
+                    let skip = meta.is_some() as usize;
                     let mut meta_reply = None;
                     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
                     let r = c
-                        .exchange(&buf, batch.len() + 1, timeout, |i, reply| {
-                            if i == 0 {
+                        .exchange(&buf, batch.len() + skip, timeout, |i, reply| {
+                            if i < skip {
                                 meta_reply = Some(reply);
                             } else {
                                 replies.push(reply);
@@ -851,9 +924,10 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                         .await;
                     match r {
                         Ok(()) => {
-                            let meta_ok = meta_reply == Some(Reply::Stored);
-                            if meta_ok {
-                                last_meta = meta;
+                            let meta_ok = meta.is_none() || meta_reply == Some(Reply::Stored);
+                            if let (Some(m), true) = (meta, meta_ok) {
+                                covered = m;
+                                last_refresh = Instant::now();
                             }
                             for (op, reply) in batch.iter().zip(replies.iter()) {
                                 outcomes.push(match (op, reply) {
