@@ -214,6 +214,10 @@ impl Job {
     fn data(&self) -> &[u8] {
         &self.payload[self.unique_len as usize..]
     }
+    /// What this job coalesces on (see [`coalesce_key`]).
+    fn coalesce_key(&self) -> &[u8] {
+        coalesce_key(self.unique(), self.data())
+    }
     fn extra(&mut self) -> &mut JobExtra {
         self.extra.get_or_insert_with(Default::default)
     }
@@ -349,6 +353,17 @@ pub struct Totals {
     pub clients: u64,
     pub workers: u64,
     pub connections: u64,
+}
+
+/// The key a job coalesces on within its function: its unique id, except that the unique "-"
+/// means "the payload" (gearmand 1.1.20 and Perl Gearman::Client's documented `uniq => '-'`).
+/// Empty = never coalesces.
+fn coalesce_key<'a>(unique: &'a [u8], data: &'a [u8]) -> &'a [u8] {
+    if unique == b"-" {
+        data
+    } else {
+        unique
+    }
 }
 
 fn hash_unique(h: &hashbrown::DefaultHashBuilder, func: u32, unique: &[u8]) -> u64 {
@@ -538,12 +553,13 @@ impl Engine {
         Ok(id)
     }
 
-    fn find_unique(&self, st: &State, func: u32, unique: &[u8]) -> Option<u32> {
-        let h = hash_unique(&st.hasher, func, unique);
+    /// The job of `func` whose [`coalesce_key`] is `key`.
+    fn find_unique(&self, st: &State, func: u32, key: &[u8]) -> Option<u32> {
+        let h = hash_unique(&st.hasher, func, key);
         st.uniques
             .find(h, |&slot| {
                 let j = &st.jobs[slot as usize];
-                j.func == func && j.unique() == unique
+                j.func == func && j.coalesce_key() == key
             })
             .copied()
     }
@@ -565,8 +581,9 @@ impl Engine {
             }
         };
         // Coalesce on (function, unique); an empty unique never coalesces.
-        if !s.unique.is_empty() {
-            if let Some(slot) = self.find_unique(st, func, &s.unique) {
+        let key = coalesce_key(&s.unique, &s.data);
+        if !key.is_empty() {
+            if let Some(slot) = self.find_unique(st, func, key) {
                 return self.join(st, conn, slot, &s, out);
             }
         }
@@ -734,15 +751,15 @@ impl Engine {
     fn insert_job(&self, st: &mut State, job: Job) -> u32 {
         let seq = job.seq;
         let func = job.func;
-        let has_unique = job.unique_len > 0;
+        let has_unique = !job.coalesce_key().is_empty();
         let slot = st.jobs.insert(job) as u32;
         st.by_seq.insert(seq, slot);
         if has_unique {
-            let h = hash_unique(&st.hasher, func, st.jobs[slot as usize].unique());
+            let h = hash_unique(&st.hasher, func, st.jobs[slot as usize].coalesce_key());
             let (jobs, hasher) = (&st.jobs, &st.hasher);
             st.uniques.insert_unique(h, slot, |&s| {
                 let j = &jobs[s as usize];
-                hash_unique(hasher, j.func, j.unique())
+                hash_unique(hasher, j.func, j.coalesce_key())
             });
         }
         slot
@@ -1155,8 +1172,8 @@ impl Engine {
             o.finished(job.seq, outcome);
         }
         st.by_seq.remove(&job.seq);
-        if job.unique_len > 0 {
-            let h = hash_unique(&st.hasher, job.func, job.unique());
+        if !job.coalesce_key().is_empty() {
+            let h = hash_unique(&st.hasher, job.func, job.coalesce_key());
             if let Ok(e) = st.uniques.find_entry(h, |&s| s == slot) {
                 e.remove();
             }
@@ -1388,7 +1405,8 @@ impl Engine {
                 );
                 continue;
             };
-            if !r.unique.is_empty() && self.find_unique(st, func, &r.unique).is_some() {
+            let key = coalesce_key(&r.unique, &r.data);
+            if !key.is_empty() && self.find_unique(st, func, key).is_some() {
                 // The same (function, unique) twice: keep the older one, drop the duplicate record.
                 if let Some(m) = &self.shared.mirror {
                     m.delete(r.seq);

@@ -773,6 +773,49 @@ fn unique_coalescing_across_clients_runs_once() {
     assert_eq!(jobs[0]["unique"], unique);
 }
 
+/// The unique "-" means "coalesce on the payload" (Gearman::Client documents `uniq => '-'`;
+/// gearmand 1.1.20 looks such jobs up by their data). Jobs with different payloads must not
+/// share a result; jobs with the same payload do.
+#[test]
+fn unique_dash_coalesces_on_the_payload() {
+    let srv = server();
+    let alpha = perl_client(srv.port, "fg", &["dash", "normal", "alpha", "-"]);
+    wait_status(&srv, "dash", "has the alpha job", |r| r.0 == 1);
+    let beta = perl_client(srv.port, "fg", &["dash", "normal", "beta", "-"]);
+    wait_status(&srv, "dash", "has a separate beta job", |r| r.0 == 2);
+    let alpha_again = php_client(srv.port, "tasks", &["dash", "0", "-", "alpha"]);
+    alpha_again.wait_event("created");
+    assert_eq!(
+        status_row(srv.port, "dash"),
+        Some((2, 0, 0)),
+        "the second alpha must join"
+    );
+
+    let worker = php_worker(srv.port, 0, &["dash=reverse"]);
+    for (p, want) in [(alpha, "ahpla"), (beta, "ateb")] {
+        let f = p.finish_ok();
+        assert_eq!(
+            f.one("result")["data"],
+            want,
+            "{}\n{}",
+            f.diag(),
+            worker.diag()
+        );
+    }
+    let f = alpha_again.finish_ok();
+    assert_eq!(f.one("complete")["data"], "ahpla", "{}", f.diag());
+    wait_status(&srv, "dash", "drained", |r| r.0 == 0);
+    let w = worker.kill9();
+    let mut ran = workloads(&jobs_of(&w));
+    ran.sort();
+    assert_eq!(ran, ["alpha", "beta"], "{}", w.diag());
+    assert!(
+        jobs_of(&w).iter().all(|j| j["unique"] == "-"),
+        "{}",
+        w.diag()
+    );
+}
+
 /// GET_STATUS through PHP jobStatus and Perl get_status (and GET_STATUS_UNIQUE through PHP
 /// jobStatusByUniqueKey) for a running job that sent WORK_STATUS 1/4, and for a handle (unique)
 /// the server never issued; Python gear's STATUS_RES handling likewise.
@@ -879,7 +922,7 @@ fn data_warning_status_callbacks() {
     wait_status(&srv, "chat_php", "has a worker", |r| r.2 == 1);
     wait_status(&srv, "chat_perl", "has a worker", |r| r.2 == 1);
 
-    let c = php_client(srv.port, "tasks", &["chat_py", "0", "-", "hello"]).finish_ok();
+    let c = php_client(srv.port, "tasks", &["chat_py", "0", "", "hello"]).finish_ok();
     let ev: Vec<Value> = c
         .events()
         .into_iter()
@@ -980,7 +1023,7 @@ fn fail_and_exception_reach_clients_as_asked() {
         .map(|(i, &(client, func, exc, _))| {
             let payload = format!("case{i}");
             match client {
-                "php" => php_client(srv.port, "tasks", &[func, exc, "-", &payload]),
+                "php" => php_client(srv.port, "tasks", &[func, exc, "", &payload]),
                 _ => py_client(srv.port, "exc", &[func, &payload, exc]),
             }
         })
@@ -1025,7 +1068,7 @@ fn crashed_worker_job_is_requeued_and_completed() {
     let srv = server();
     let doomed = php_worker(srv.port, 1, &["crashy=hang"]);
     wait_status(&srv, "crashy", "has a worker", |r| r.2 == 1);
-    let client = php_client(srv.port, "tasks", &["crashy", "0", "-", "precious cargo"]);
+    let client = php_client(srv.port, "tasks", &["crashy", "0", "", "precious cargo"]);
     let taken = doomed.wait_event("job");
     assert_eq!(status_row(srv.port, "crashy"), Some((1, 1, 1)));
     let crashed = doomed.kill9();
@@ -1092,7 +1135,7 @@ fn php_worker_timeout_has_gearmands_one_second_floor() {
     let srv = server();
     let w = php_worker(srv.port, 1, &["tq@1=sleep:300"]);
     wait_status(&srv, "tq", "has a worker", |r| r.2 == 1);
-    let c = php_client(srv.port, "tasks", &["tq", "0", "-", "in time"]);
+    let c = php_client(srv.port, "tasks", &["tq", "0", "", "in time"]);
     let w = w.finish_ok();
     assert_eq!(w.one("exit")["jobs"], 1, "{}", w.diag());
     let c = c.finish_ok();
@@ -1101,7 +1144,7 @@ fn php_worker_timeout_has_gearmands_one_second_floor() {
     // Past the floor the job is requeued and another worker completes it.
     let slow = php_worker(srv.port, 1, &["tl@1=sleep:4000"]);
     wait_status(&srv, "tl", "has a worker", |r| r.2 == 1);
-    let c = php_client(srv.port, "tasks", &["tl", "0", "-", "too slow"]);
+    let c = php_client(srv.port, "tasks", &["tl", "0", "", "too slow"]);
     let taken = slow.wait_event("job");
     let at = Instant::now();
     assert_eq!(
@@ -1131,7 +1174,7 @@ fn php_worker_timeout_has_gearmands_one_second_floor() {
 #[test]
 fn job_retries_limit_fails_the_waiting_client() {
     let srv = BinServer::start(&["--node-id", NODE, "--job-retries", "2"], &[]);
-    let client = php_client(srv.port, "tasks", &["doomed", "0", "-", "cursed"]);
+    let client = php_client(srv.port, "tasks", &["doomed", "0", "", "cursed"]);
     client.wait_event("created");
     for attempt in 1..=2 {
         let w = php_worker(srv.port, 1, &["doomed=hang"]);
@@ -1199,7 +1242,7 @@ fn many_workers_share_the_load() {
     ];
     wait_status(&srv, "share", "has 4 workers", |r| r.2 == 4);
     let payloads: Vec<String> = (0..200).map(|i| format!("job-{i:03}")).collect();
-    let mut args = vec!["share", "0", "-"];
+    let mut args = vec!["share", "0", ""];
     args.extend(payloads.iter().map(String::as_str));
     let c = php_client(srv.port, "tasks", &args).finish_within(Duration::from_secs(60));
     assert!(c.status.success(), "{}", c.diag());

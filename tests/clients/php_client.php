@@ -8,7 +8,7 @@
 //   do PORT FUNC PRIO PAYLOAD [UNIQUE]
 //       doHigh/doNormal/doLow -> {"ev":"result","data":..,"rc":..}
 //   tasks PORT FUNC EXCEPTIONS(0|1) UNIQUE PAYLOAD...
-//       one foreground addTask per PAYLOAD (UNIQUE "-" = none), runTasks(), with every callback
+//       one foreground addTask per PAYLOAD (UNIQUE "" = none), runTasks(), with every callback
 //       set; each callback prints {"ev":"created|data|warning|status|complete|fail|exception",..}
 //       and ends with {"ev":"done","rc":..}. EXCEPTIONS=1 asks the server for WORK_EXCEPTION
 //       (OPTION_REQ exceptions) and sets the exception callback; 0 does neither.
@@ -61,7 +61,7 @@ switch ($mode) {
     case "tasks":
         $func = $argv[3];
         $exceptions = $argv[4] === "1";
-        $unique = $argv[5] === "-" ? null : $argv[5];
+        $unique = $argv[5] === "" ? null : $argv[5];
         $c = client($port, $exceptions);
         $ev = function (string $name) {
             return function (GearmanTask $t) use ($name) {
