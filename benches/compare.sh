@@ -41,7 +41,17 @@ fi
 LG_THREADS=${LG_THREADS:-0}
 GH_ENV=${GH_ENV:-}
 OUT=${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$ROOT/target/bench-results"
+# Two comparisons at once would measure each other: take turns.
+exec 9>"$ROOT/target/bench-results/.lock"
+if ! flock -n 9; then
+    echo "== another benches/compare.sh is running; waiting for it to finish" >&2
+    flock 9
+fi
+# gearmand and memcached refuse to run as root without a user to switch to.
+AS_USER=()
+MC_USER=()
+if [ "$(id -u)" = 0 ]; then AS_USER=(-u root); MC_USER=(-u nobody); fi
 GEARMAND=${GEARMAND:-/usr/sbin/gearmand}
 [ -x "$GEARMAND" ] || GEARMAND=$(command -v gearmand || true)
 
@@ -89,7 +99,7 @@ start_gearhouse() {
     SRV_PORT=$(free_port); local http; http=$(free_port)
     env $GH_ENV ${START_ENV:-} "$GH_BIN" serve --config "$ROOT/config/default.toml" \
         --listen "127.0.0.1:$SRV_PORT" --http "127.0.0.1:$http" --node-id bench --log-level warn "$@" \
-        >"$OUT/$name.server.log" 2>&1 &
+        >"$OUT/$name.server.log" 2>&1 9>&- &
     SRV_PID=$!; PIDS+=("$SRV_PID")
     local end=$((SECONDS + 60))
     until curl -fs "http://127.0.0.1:$http/readyz" >/dev/null 2>&1; do
@@ -105,8 +115,8 @@ start_gearhouse() {
 start_gearmand() {
     local name=$1; shift
     SRV_PORT=$(free_port)
-    "$GEARMAND" -p "$SRV_PORT" -L 127.0.0.1 --threads 2 -u root -l "$OUT/$name.gearmand.log" \
-        -P "$OUT/$name.gearmand.pid" "$@" >"$OUT/$name.server.log" 2>&1 &
+    "$GEARMAND" -p "$SRV_PORT" -L 127.0.0.1 --threads 2 ${AS_USER[@]+"${AS_USER[@]}"} -l "$OUT/$name.gearmand.log" \
+        -P "$OUT/$name.gearmand.pid" "$@" >"$OUT/$name.server.log" 2>&1 9>&- &
     SRV_PID=$!; PIDS+=("$SRV_PID")
     wait_port "$SRV_PORT" 30 || { echo "gearmand did not start:" >&2; cat "$OUT/$name.server.log" >&2; return 1; }
 }
@@ -224,7 +234,7 @@ start_memcached_cluster() {
     MC_PIDS=(); local addrs=() p i
     for i in 1 2 3; do
         p=$(free_port)
-        memcached -u nobody -M -m 1024 -l 127.0.0.1 -p "$p" -U 0 >"$OUT/memcached.$i.log" 2>&1 &
+        memcached ${MC_USER[@]+"${MC_USER[@]}"} -M -m 1024 -l 127.0.0.1 -p "$p" -U 0 >"$OUT/memcached.$i.log" 2>&1 9>&- &
         MC_PIDS+=($!); PIDS+=($!); addrs+=("127.0.0.1:$p")
         wait_port "$p" 10
     done
@@ -280,7 +290,7 @@ fi
 # ---- tracing: gearhouse with OTLP export at 100% sampling vs traces off ----------------------
 if [ "$TRACING" = 1 ]; then
     SINK_PORT=$(free_port)
-    "$LG" --mode otlp-sink --port "$SINK_PORT" >"$OUT/otlp-sink.txt" 2>&1 &
+    "$LG" --mode otlp-sink --port "$SINK_PORT" >"$OUT/otlp-sink.txt" 2>&1 9>&- &
     SINK_PID=$!; PIDS+=("$SINK_PID")
     wait_port "$SINK_PORT" 10
     sink_requests() { curl -fs "http://127.0.0.1:$SINK_PORT/stats" | sed -n 's/^requests=\([0-9]*\).*/\1/p'; }
