@@ -3,7 +3,8 @@
 //! `gearadmin` (libgearman), PHP's GearmanClient/GearmanWorker (pecl-gearman on libgearman), Perl
 //! Gearman::Client/Worker (a separate pure-Perl implementation) and Python `gear` (Zuul's
 //! library). The scripts they run live in `tests/clients/` and print one JSON object per line;
-//! every assertion that fails shows the clients' own stdout and stderr and the server log.
+//! a failing assertion shows the clients' own stdout and stderr (and the server log when the
+//! server's state never became what the test waited for).
 //!
 //! Every child is bounded: waits have deadlines, a child that overruns is killed and the test
 //! fails, and a child still running when its test ends is killed on drop.
@@ -36,6 +37,7 @@ struct Captured {
     lines: Vec<String>,
     stderr: String,
     stdout_done: bool,
+    stderr_done: bool,
 }
 
 type Shared = Arc<(Mutex<Captured>, Condvar)>;
@@ -156,6 +158,8 @@ impl Proc {
                     }
                 }
             }
+            o.0.lock().unwrap().stderr_done = true;
+            o.1.notify_all();
         });
         readers.push(r1);
         readers.push(r2);
@@ -224,8 +228,19 @@ impl Proc {
             thread::sleep(Duration::from_millis(10));
         };
         self.status = Some(status);
+        // Its output ends with it, unless a grandchild (a `gearman -w` command) still holds the
+        // pipe: then take what arrived within a few seconds rather than wait for it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (lock, cv) = &*self.out;
+        let mut c = lock.lock().unwrap();
+        while !(c.stdout_done && c.stderr_done) && Instant::now() < deadline {
+            c = cv.wait_timeout(c, deadline - Instant::now()).unwrap().0;
+        }
+        drop(c);
         for r in self.readers.drain(..) {
-            let _ = r.join();
+            if r.is_finished() {
+                let _ = r.join();
+            }
         }
         let c = std::mem::take(&mut *self.out.0.lock().unwrap());
         Finished {
