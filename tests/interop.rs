@@ -381,7 +381,7 @@ fn gearman(port: u16, args: &[&str]) -> Proc {
     Proc::spawn("gearman cli", "gearman", &a)
 }
 
-/// `gearadmin OPTION` output, which must end with a line `.` for listings.
+/// A finished `gearadmin OPTION` run (exit status 0 required).
 fn gearadmin(port: u16, option: &str) -> Finished {
     let p = Proc::spawn(
         "gearadmin",
