@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{put_response, response, split_args, PacketType};
 use crate::metrics::{FunctionMetrics, Metrics};
 use crate::protocol::{GrabKind, Priority, ProtocolError, Submit, WorkKind};
+use crate::seq_index::SeqIndex;
 
 /// Connection ids come from a counter, never from file descriptors.
 pub type ConnId = u64;
@@ -292,7 +293,7 @@ enum Timer {
 
 struct State {
     jobs: Slab<Job>,
-    by_seq: HashMap<u64, u32>,
+    by_seq: SeqIndex,
     uniques: HashTable<u32>,
     hasher: hashbrown::DefaultHashBuilder,
     functions: Slab<Function>,
@@ -408,7 +409,7 @@ impl Engine {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     jobs: Slab::new(),
-                    by_seq: HashMap::default(),
+                    by_seq: SeqIndex::new(),
                     uniques: HashTable::new(),
                     hasher: Default::default(),
                     functions: Slab::new(),
@@ -843,7 +844,7 @@ impl Engine {
     pub fn persisted(&self, seq: u64, result: Result<(), String>) {
         let mut st = self.lock();
         let st = &mut *st;
-        let Some(&slot) = st.by_seq.get(&seq) else {
+        let Some(slot) = st.by_seq.get(seq) else {
             // Finished or cancelled while the write was in flight: make sure it is not resurrected.
             if result.is_ok() {
                 if let Some(m) = &self.shared.mirror {
@@ -952,10 +953,7 @@ impl Engine {
             return Ok(());
         }
         // Newest registered first, as gearmand scans them.
-        c.abilities.insert(
-            0,
-            Ability { func, timeout_ms },
-        );
+        c.abilities.insert(0, Ability { func, timeout_ms });
         st.functions[func as usize].workers += 1;
         Ok(())
     }
@@ -1099,7 +1097,7 @@ impl Engine {
         let mut st = self.lock();
         let st = &mut *st;
         let found = self.seq_of(handle).and_then(|seq| {
-            let slot = *st.by_seq.get(&seq)?;
+            let slot = st.by_seq.get(seq)?;
             (st.jobs[slot as usize].state == JobState::Running(conn)).then_some((slot, seq))
         });
         let Some((slot, seq)) = found else {
@@ -1171,7 +1169,7 @@ impl Engine {
         if let Some(o) = &self.shared.observer {
             o.finished(job.seq, outcome);
         }
-        st.by_seq.remove(&job.seq);
+        st.by_seq.remove(job.seq);
         if !job.coalesce_key().is_empty() {
             let h = hash_unique(&st.hasher, job.func, job.coalesce_key());
             if let Ok(e) = st.uniques.find_entry(h, |&s| s == slot) {
@@ -1266,8 +1264,8 @@ impl Engine {
         let st = self.lock();
         let job = self
             .seq_of(handle)
-            .and_then(|seq| st.by_seq.get(&seq))
-            .map(|&s| &st.jobs[s as usize]);
+            .and_then(|seq| st.by_seq.get(seq))
+            .map(|s| &st.jobs[s as usize]);
         let (known, running, num, den) = status_fields(job);
         put_response(
             out,
@@ -1395,7 +1393,7 @@ impl Engine {
         let st = &mut *st;
         let mut n = 0;
         for r in records {
-            if st.by_seq.contains_key(&r.seq) {
+            if st.by_seq.contains(r.seq) {
                 continue;
             }
             let Ok(func) = self.function_id(st, &r.function) else {
@@ -1452,7 +1450,7 @@ impl Engine {
     pub fn persisted_records(&self, seqs: &[u64]) -> Vec<JobRecord> {
         let st = self.lock();
         seqs.iter()
-            .filter_map(|seq| st.by_seq.get(seq).copied())
+            .filter_map(|&seq| st.by_seq.get(seq))
             .filter(|&slot| st.jobs[slot as usize].persisted)
             .map(|slot| self.record_of(&st, slot))
             .collect()
@@ -1594,7 +1592,7 @@ impl Engine {
         let st = &mut *st;
         let slot = self
             .seq_of(handle)
-            .and_then(|seq| st.by_seq.get(&seq).copied())
+            .and_then(|seq| st.by_seq.get(seq))
             .ok_or_else(|| ProtocolError::new("JOB_NOT_FOUND", "no such job"))?;
         let job = &st.jobs[slot as usize];
         if matches!(job.state, JobState::Running(_)) {

@@ -4,7 +4,8 @@
 //! - [`server`]: sockets; one task per connection, owning its framing and write buffer.
 //! - [`codec`]: bytes ↔ frames (binary packets and admin text lines), with size limits.
 //! - [`protocol`]: frames ↔ typed requests, argument checks, `ERROR` codes.
-//! - [`engine`]: requests → state changes: jobs, queues, priorities, coalescing, workers, timers.
+//! - [`engine`]: requests → state changes: jobs, queues, priorities, coalescing, workers, timers
+//!   ([`seq_index`] maps job handles to jobs).
 //! - [`admin`]: the admin text protocol (gearmand's formats) over the engine's snapshots.
 //! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
@@ -20,5 +21,6 @@ pub mod http;
 pub mod metrics;
 pub mod persist;
 pub mod protocol;
+pub mod seq_index;
 pub mod server;
 pub mod telemetry;
