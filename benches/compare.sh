@@ -58,8 +58,11 @@ GEARMAND=${GEARMAND:-/usr/sbin/gearmand}
 log() { echo "== $*" >&2; }
 
 log "building (release)"
-cargo build --release --bin gearhouse 2>&1 | tail -1 >&2
-LOADGEN=$(cargo bench --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+if ! cargo build --release --bin gearhouse >"$OUT/build.log" 2>&1 ||
+    ! cargo bench --bench loadgen --no-run >>"$OUT/build.log" 2>&1; then
+    echo "build failed:" >&2; tail -30 "$OUT/build.log" >&2; exit 1
+fi
+LOADGEN=$(sed -n 's/.*Executable .*(\(.*\)).*/\1/p' "$OUT/build.log" | tail -1)
 [ -x "$LOADGEN" ] || LOADGEN=$ROOT/$LOADGEN
 [ -x "$LOADGEN" ] || { echo "cannot find the loadgen executable" >&2; exit 1; }
 # Copies, so a rebuild by someone else during the run cannot swap binaries under us.
