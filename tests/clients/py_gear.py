@@ -14,6 +14,7 @@ tests/interop.rs. Prints one JSON object per line on stdout, flushed at once.
       -> {"ev":"status",..}; then GET_STATUS for a handle the server never issued
       -> {"ev":"unknown",..}
   py_gear.py PORT worker COUNT FUNC=BEHAVIOUR...
+      works COUNT jobs (0 = until killed; a worker that gets no job for 60 s exits);
       behaviours: echo, reverse, chatty (data "d1", warning "w1", status 1/4, data "d2",
       status 4/4, complete "done:<payload>"), fail, throw (exception "boom:<payload>"),
       hold:FILE (status 1/4, wait for FILE, complete "released:<payload>"), sleep:MS
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 import gear
@@ -119,7 +121,20 @@ def client(port, mode, args):
     c.shutdown()
 
 
+def watchdog(last, idle):
+    """Exits the process when no job started for `idle` seconds (an orphaned worker ends)."""
+    def run():
+        while True:
+            time.sleep(1)
+            if time.time() - last[0] > idle:
+                sys.stderr.write("idle for %d s, giving up\n" % idle)
+                os._exit(3)
+    threading.Thread(target=run, daemon=True).start()
+
+
 def worker(port, count, specs):
+    last = [time.time()]
+    watchdog(last, 60)
     w = connect(gear.Worker, port, "interop-py-worker-%d" % os.getpid())
     behaviours = {}
     for spec in specs:
@@ -129,6 +144,7 @@ def worker(port, count, specs):
     jobs = 0
     while count == 0 or jobs < count:
         job = w.getJob()
+        last[0] = time.time()
         payload = job.arguments
         o = dict(ev="job", worker="python", pid=os.getpid(), func=text(job.name),
                  handle=text(job.handle), unique=text(job.unique), size=len(payload),
