@@ -337,6 +337,7 @@ impl Config {
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect(),
+            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
         }
     }
 }

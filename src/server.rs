@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     pub limits: ArgLimits,
     pub admin_networks: Vec<IpNet>,
+    /// How long a closing connection may take to write what it still owes its peer.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
                 "127.0.0.0/8".parse().expect("net"),
                 "::1/128".parse().expect("net"),
             ],
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -184,7 +187,7 @@ impl Connection {
         // Whatever is already buffered for the peer still goes out, unless the peer was closed
         // for not reading.
         if !matches!(why, Close::Killed) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.framed.flush()).await;
+            let _ = tokio::time::timeout(self.cfg.shutdown_timeout, self.framed.flush()).await;
         }
         self.engine.disconnect(self.id);
         metrics.connections.dec();
