@@ -853,11 +853,23 @@ impl Engine {
             }
             return;
         };
-        let acks = st.jobs[slot as usize]
+        let job = &mut st.jobs[slot as usize];
+        let acks = job
             .extra
             .as_mut()
             .map(|e| std::mem::take(&mut e.pending_acks))
             .unwrap_or_default();
+        // A plain background job needed `extra` only for its pending acks: free it (about
+        // 200 bytes a job, which doubled the memory of a durable queue).
+        if job.extra.as_ref().is_some_and(|e| {
+            e.reducer.is_none()
+                && e.epoch.is_none()
+                && e.waiters.is_empty()
+                && e.pending_acks.is_empty()
+                && e.status.is_none()
+        }) {
+            job.extra = None;
+        }
         match result {
             Ok(()) => {
                 let pkt = response(PacketType::JOB_CREATED, &[&self.handle_of(seq)]);
