@@ -263,16 +263,20 @@ async fn crash_while_submitting_loses_no_acknowledged_job() {
     // Finished jobs leave memcached (deletes are sent within a few milliseconds): nothing comes
     // back after another crash.
     let http = server.http_addr();
-    eventually("the deletes to reach memcached", Duration::from_secs(10), || async {
-        let (_, s) = http_get(http, "/api/v1/status").await.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        // Left: the watermark keys only (one per writer connection).
-        v["persistence"]["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["items"].as_u64().unwrap() <= 2)
-    })
+    eventually(
+        "the deletes to reach memcached",
+        Duration::from_secs(10),
+        || async {
+            let (_, s) = http_get(http, "/api/v1/status").await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            // Left: the watermark keys only (one per writer connection).
+            v["persistence"]["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["items"].as_u64().unwrap() <= 2)
+        },
+    )
     .await;
     let mut server = server;
     server.kill9();
@@ -566,7 +570,7 @@ impl Proc {
     /// Waits until recovery finished and clients are accepted (ready or not).
     async fn wait_accepting(&self) {
         eventually("recovery to finish", Duration::from_secs(30), || async {
-            self.log_text().contains("accepting clients")
+            self.log_text().contains("recovery done")
         })
         .await;
     }

@@ -895,8 +895,8 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                         Op::Set { job, .. } => job.seq < covered.0 || job.seq > covered.1,
                         Op::Delete { .. } => false,
                     });
-                    let meta = (needs_cover || refresh)
-                        .then(|| (low, high.max(covered.1) + HIGH_RESERVE));
+                    let meta =
+                        (needs_cover || refresh).then(|| (low, high.max(covered.1) + HIGH_RESERVE));
                     buf.clear();
                     if let Some((lo, hi)) = meta {
                         client::put_set(&mut buf, &meta_key, &record::encode_meta(lo, hi));

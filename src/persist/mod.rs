@@ -146,6 +146,16 @@ impl Settings {
     }
 }
 
+/// Hands memory freed by recovery (read buffers of whole chunks) back to the system, so a
+/// recovered queue costs no more than the same queue built by submits.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Persistence as the app uses it: a mirror for the engine, then recovery and the
 /// background tasks.
 pub struct Persistence {
@@ -249,10 +259,17 @@ impl Persistence {
         let mut origins = HashSet::new();
         let mut restored = 0usize;
         let mut scan = recovery::RangeScan::begin(&mut cl, s, &s.node_id, "recovery").await?;
-        while let Some(found) = scan.next(&mut cl, s).await? {
+        let (mut read_time, mut restore_time) = (Duration::ZERO, Duration::ZERO);
+        loop {
+            let t = Instant::now();
+            let Some(found) = scan.next(&mut cl, s).await? else {
+                break;
+            };
+            read_time += t.elapsed();
+            let t = Instant::now();
             let marks: Vec<(u64, u16, u16)> = found
                 .iter()
-                .map(|f| (f.record.seq, f.ok | unreachable, f.ok))
+                .map(|f| (f.record.seq, f.ok | f.may | unreachable, f.ok))
                 .collect();
             self.mirror.note_recovered(&marks);
             let mut records = Vec::with_capacity(found.len());
@@ -265,10 +282,14 @@ impl Persistence {
                 records.push(f.record);
             }
             restored += engine.restore(records, 0);
+            restore_time += t.elapsed();
         }
         let high = scan.high;
         engine.restore(Vec::new(), high + 1);
         self.mirror.set_watermarks(high);
+        let down = cl.unreachable();
+        drop(cl);
+        release_free_memory();
         let took = started.elapsed();
         self.metrics.recovered.inc_by(restored as u64);
         self.metrics.recovery_duration.set(took.as_secs_f64());
@@ -276,10 +297,11 @@ impl Persistence {
             jobs = restored,
             seconds = took.as_secs_f64(),
             next_handle = %String::from_utf8_lossy(&engine.handle_of(engine.next_seq())),
+            read_s = read_time.as_secs_f64(),
+            restore_s = restore_time.as_secs_f64(),
             "recovery complete: {restored} jobs restored from memcached in {:.3} s",
             took.as_secs_f64()
         );
-        let down = cl.unreachable();
         if !down.is_empty() {
             tracing::warn!(
                 "recovered while some memcached nodes were unreachable: {}",

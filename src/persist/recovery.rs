@@ -11,6 +11,7 @@ use futures::future::join_all;
 use super::client::{self, Connection, Reply};
 use super::mirror::probe;
 use super::record::{self, Origin};
+use super::ring::Ring;
 use super::{PersistError, Settings};
 use crate::engine::JobRecord;
 
@@ -26,6 +27,8 @@ pub struct Found {
     pub origin: Option<Origin>,
     /// Nodes where a copy was read.
     pub ok: u16,
+    /// Nodes that were not read for this job (they may hold a copy).
+    pub may: u16,
 }
 
 /// Connections to the cluster for a scan, one per node (`None` = unreachable, with why).
@@ -107,10 +110,22 @@ impl Cluster {
     /// Runs one pipelined exchange on every reachable node; a node that fails is dropped
     /// from the scan (and the caller re-checks that enough remain).
     async fn each(&mut self, request: &[u8], replies: usize) -> Vec<Option<Vec<Reply>>> {
+        let reqs = (0..self.conns.len())
+            .map(|_| Some((request, replies)))
+            .collect();
+        self.each_with(reqs).await
+    }
+
+    /// Runs node `i`'s own request `reqs[i]` (request, replies), on all nodes at once.
+    async fn each_with(&mut self, reqs: Vec<Option<(&[u8], usize)>>) -> Vec<Option<Vec<Reply>>> {
         let timeout = self.timeout;
-        let futs = self.conns.iter_mut().map(|c| async move {
+        let futs = self.conns.iter_mut().zip(reqs).map(|(c, req)| async move {
             let conn = c.as_mut()?;
+            let (request, replies) = req?;
             let mut out = Vec::with_capacity(replies);
+            if replies == 0 {
+                return Some(Ok(out));
+            }
             match conn
                 .exchange(request, replies, timeout, |_, r| out.push(r))
                 .await
@@ -175,9 +190,13 @@ impl Cluster {
         Ok(range)
     }
 
-    /// Reads `node_id`'s records with sequence numbers in `from..to` from every reachable node.
+    /// Reads `node_id`'s records with sequence numbers in `from..to`. First pass: each job from
+    /// the `replicas` nodes the ring places it on; second pass: the jobs not found yet (moved
+    /// to another node while one was down, or finished) from every other reachable node.
     pub async fn read_range(
         &mut self,
+        ring: &Ring,
+        replicas: usize,
         ns: &str,
         node_id: &str,
         from: u64,
@@ -185,48 +204,90 @@ impl Cluster {
         errors: &mut u64,
     ) -> Vec<Found> {
         let n = (to - from) as usize;
-        let mut req = BytesMut::with_capacity(n * (ns.len() + node_id.len() + 20));
-        for seq in from..to {
-            client::put_get(&mut req, &record::job_key(ns, node_id, seq));
-        }
-        let per_node = self.each(&req, n).await;
+        let nodes = self.conns.len();
         let mut found: Vec<Option<Found>> = (0..n).map(|_| None).collect();
-        for (node, replies) in per_node.into_iter().enumerate() {
-            let Some(replies) = replies else { continue };
-            for (k, r) in replies.into_iter().enumerate() {
-                let v: Bytes = match r {
-                    Reply::Value(v) => v,
-                    Reply::Miss => continue,
-                    other => {
-                        *errors += 1;
-                        tracing::error!(node = %self.addrs[node], seq = from + k as u64, "unexpected reply {other:?}");
-                        continue;
-                    }
+        // Nodes already asked, per job.
+        let mut asked: Vec<u16> = vec![0; n];
+        for pass in 0..2 {
+            let mut reqs: Vec<BytesMut> = (0..nodes).map(|_| BytesMut::new()).collect();
+            let mut which: Vec<Vec<u32>> = vec![Vec::new(); nodes];
+            for k in 0..n {
+                if found[k].is_some() {
+                    continue;
+                }
+                let key = record::job_key(ns, node_id, from + k as u64);
+                let targets: u16 = if pass == 0 {
+                    ring.pick(super::ring::hash(&key), replicas, |_| true)
+                        .into_iter()
+                        .fold(0, |m, i| m | 1 << i)
+                } else {
+                    !asked[k] & ((1u16 << nodes) - 1)
                 };
-                let seq = from + k as u64;
-                match &mut found[k] {
-                    Some(f) => f.ok |= 1 << node,
-                    slot @ None => match record::decode(&v) {
-                        Ok((record, origin)) if record.seq == seq => {
-                            *slot = Some(Found {
-                                record,
-                                origin,
-                                ok: 1 << node,
-                            })
-                        }
-                        Ok((record, _)) => {
+                for (i, req) in reqs.iter_mut().enumerate() {
+                    if targets & (1 << i) != 0 && self.conns[i].is_some() {
+                        client::put_get(req, &key);
+                        which[i].push(k as u32);
+                        asked[k] |= 1 << i;
+                    }
+                }
+            }
+            let per_node = self
+                .each_with(
+                    reqs.iter()
+                        .zip(&which)
+                        .map(|(r, w)| Some((&r[..], w.len())))
+                        .collect(),
+                )
+                .await;
+            for (node, replies) in per_node.into_iter().enumerate() {
+                let Some(replies) = replies else { continue };
+                for (r, &k) in replies.into_iter().zip(&which[node]) {
+                    let k = k as usize;
+                    let seq = from + k as u64;
+                    let v: Bytes = match r {
+                        Reply::Value(v) => v,
+                        Reply::Miss => continue,
+                        other => {
                             *errors += 1;
-                            tracing::error!(node = %self.addrs[node], seq, "record claims sequence number {}; skipped", record.seq);
+                            tracing::error!(node = %self.addrs[node], seq, "unexpected reply {other:?}");
+                            continue;
                         }
-                        Err(e) => {
-                            *errors += 1;
-                            tracing::error!(node = %self.addrs[node], seq, "unreadable job record: {e}; skipped (another copy is used if there is one)");
-                        }
-                    },
+                    };
+                    match &mut found[k] {
+                        Some(f) => f.ok |= 1 << node,
+                        slot @ None => match record::decode(&v) {
+                            Ok((record, origin)) if record.seq == seq => {
+                                *slot = Some(Found {
+                                    record,
+                                    origin,
+                                    ok: 1 << node,
+                                    may: 0,
+                                })
+                            }
+                            Ok((record, _)) => {
+                                *errors += 1;
+                                tracing::error!(node = %self.addrs[node], seq, "record claims sequence number {}; skipped", record.seq);
+                            }
+                            Err(e) => {
+                                *errors += 1;
+                                tracing::error!(node = %self.addrs[node], seq, "unreadable job record: {e}; skipped (another copy is used if there is one)");
+                            }
+                        },
+                    }
                 }
             }
         }
-        found.into_iter().flatten().collect()
+        found
+            .into_iter()
+            .zip(asked)
+            .filter_map(|(f, asked)| {
+                f.map(|mut f| {
+                    // Nodes not read may hold a copy too.
+                    f.may = !asked & ((1u16 << nodes) - 1);
+                    f
+                })
+            })
+            .collect()
     }
 
     /// Deletes keys on every reachable node (pipelined).
@@ -326,6 +387,7 @@ pub struct RangeScan {
     jobs: u64,
     errors: u64,
     progress: Progress,
+    ring: Ring,
 }
 
 impl RangeScan {
@@ -362,6 +424,7 @@ impl RangeScan {
             jobs: 0,
             errors: 0,
             progress: Progress::new(what),
+            ring: Ring::new(&s.nodes),
         })
     }
 
@@ -385,7 +448,15 @@ impl RangeScan {
         }
         let to = (self.from + CHUNK).min(self.high + 1);
         let found = cl
-            .read_range(&s.namespace, &self.node_id, self.from, to, &mut self.errors)
+            .read_range(
+                &self.ring,
+                s.replicas,
+                &s.namespace,
+                &self.node_id,
+                self.from,
+                to,
+                &mut self.errors,
+            )
             .await;
         cl.check_readable(s.replicas)?;
         self.jobs += found.len() as u64;
