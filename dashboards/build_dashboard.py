@@ -267,9 +267,9 @@ row("Job traces (OTLP)")
 timeseries("Spans exported and dropped", "Spans the collector accepted, and spans dropped (queue full, export failed, shutdown), per second",
            [(f"sum(rate(gearhouse_trace_spans_exported_total[{R}]))", "exported"),
             (f"sum by (reason) (rate(gearhouse_trace_spans_dropped_total[{R}]))", "dropped {{reason}}")], unit="short", w=8)
-timeseries("Jobs followed for traces", "Traced jobs queued or running; sampled jobs not traced (tracing.max_jobs_in_flight)",
+timeseries("Jobs followed for traces", "Traced jobs queued or running; sampled jobs not traced because the export queue was full (tracing.max_queue) or too many were followed (tracing.max_jobs_in_flight)",
            [("sum(gearhouse_trace_jobs_in_flight)", "in flight"),
-            (f"sum(rate(gearhouse_trace_jobs_untraced_total[{R}]))", "untraced / s")], w=8)
+            (f"sum by (reason) (rate(gearhouse_trace_jobs_untraced_total[{R}]))", "untraced / s {{reason}}")], w=8)
 timeseries("Export time", "Time to send one batch of spans, 99th percentile",
            [(f"histogram_quantile(0.99, sum by (le) (rate(gearhouse_trace_export_seconds_bucket[{R}])))", "p99")], unit="s", w=8)
 

@@ -189,7 +189,7 @@ impl Default for TracingSection {
             otlp_endpoint: String::new(),
             service_name: "gearhouse".into(),
             sample_ratio: 1.0,
-            max_queue: 8192,
+            max_queue: 65_536,
             max_jobs_in_flight: 100_000,
         }
     }

@@ -65,7 +65,7 @@ pub struct Metrics {
     // Job traces (see `telemetry`); registered even when tracing is off, so dashboards show 0.
     pub trace_spans_exported: IntCounter,
     pub trace_spans_dropped: IntCounterVec,
-    pub trace_jobs_untraced: IntCounter,
+    pub trace_jobs_untraced: IntCounterVec,
     pub trace_jobs_in_flight: IntGauge,
     pub trace_export_seconds: Histogram,
 }
@@ -213,7 +213,12 @@ impl Metrics {
             function_labels_folded: gauge(&r, "gearhouse_function_labels_folded", "Functions whose label was folded into __other__ (metrics.max_function_labels)"),
             trace_spans_exported: counter(&r, "gearhouse_trace_spans_exported_total", "Job trace spans the OTLP collector accepted"),
             trace_spans_dropped: counter_vec(&r, "gearhouse_trace_spans_dropped_total", "Job trace spans dropped: export queue full (tracing.max_queue), export failed, or shutdown", &["reason"]),
-            trace_jobs_untraced: counter(&r, "gearhouse_trace_jobs_untraced_total", "Sampled jobs not traced because tracing.max_jobs_in_flight jobs were already followed"),
+            trace_jobs_untraced: counter_vec(
+                &r,
+                "gearhouse_trace_jobs_untraced_total",
+                "Sampled jobs not traced: the export queue was full (tracing.max_queue), or tracing.max_jobs_in_flight jobs were already followed",
+                &["reason"],
+            ),
             trace_jobs_in_flight: gauge(&r, "gearhouse_trace_jobs_in_flight", "Jobs being followed for a trace (queued or running)"),
             trace_export_seconds: {
                 let h = Histogram::with_opts(HistogramOpts::new("gearhouse_trace_export_seconds", "Time to send one batch of spans to the OTLP collector").buckets(LATENCY_BUCKETS.to_vec())).expect("valid metric");
@@ -224,6 +229,9 @@ impl Metrics {
         };
         for reason in ["queue_full", "export_failed", "shutdown"] {
             m.trace_spans_dropped.with_label_values(&[reason]);
+        }
+        for reason in ["queue_full", "in_flight_limit"] {
+            m.trace_jobs_untraced.with_label_values(&[reason]);
         }
         m.up.set(1);
         m.version_info

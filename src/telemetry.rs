@@ -7,27 +7,30 @@
 //! mirror is configured.
 //!
 //! How it stays off the job path: the engine calls [`JobTracer`] (its [`JobObserver`]) with the
-//! engine lock held, so each call only records a timestamp into a small per-job record (behind
-//! its own mutex; lock order engine → tracer, never the reverse; repeated strings are shared,
-//! so recording allocates almost nothing). When the job ends, the record moves to an outbox
-//! that an export thread empties once a batch is ready; the thread writes the spans, with their
-//! recorded start and end times, straight into OTLP protobuf ([`otlp`]) and POSTs them. The
-//! export queue is bounded in spans (`tracing.max_queue`): past it a finished job's spans are
-//! dropped and counted in `gearhouse_trace_spans_dropped_total`, so a slow or dead collector
-//! costs spans, never throughput.
+//! engine lock held, so each call only appends a small event (what happened, to which job,
+//! when) to an outbox; nothing is looked up or allocated per job on that path (short strings
+//! are kept inline), and the trace id is a keyed hash of the job's sequence number, so it needs
+//! no storage. An export thread, woken once a batch of events is ready, assembles each job's
+//! record, writes its spans with their recorded start and end times straight into OTLP protobuf
+//! ([`otlp`]) when the job ends, and POSTs them in batches. The outbox is bounded
+//! (`tracing.max_queue` events): past it new jobs are not traced and are counted in
+//! `gearhouse_trace_jobs_untraced_total`, and a failed export is counted in
+//! `gearhouse_trace_spans_dropped_total`, so a slow or dead collector costs traces, never
+//! throughput.
 //!
 //! Spans are made after the fact, rather than opened and closed through the OpenTelemetry SDK
-//! as the job moves: the trace id is chosen at submit time, so log lines about the job carry it
-//! while it still runs (the SDK tracer draws a fresh id for every root span), and the SDK's
-//! span objects and exporter cost about half of the server's CPU per job on the benchmark
-//! (measured: 0.73x throughput with traces at 100%), against the 10% budget.
+//! as the job moves: log lines about the job carry its trace id while it still runs (the SDK
+//! tracer draws a fresh id for every root span), and the SDK's span objects and exporter, fed
+//! from the engine's lock, cost about half of the server's CPU per job on the benchmark
+//! (measured: 0.73x throughput with traces at 100%), against a 10% budget.
 //!
 //! Settings come from the standard `OTEL_*` variables, then the `[tracing]` config section
 //! (see [`TraceSettings::resolve`]). Tracing is off when no endpoint is set.
 
 use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -287,7 +290,8 @@ struct TraceMetrics {
     dropped_queue_full: IntCounter,
     dropped_export_failed: IntCounter,
     dropped_shutdown: IntCounter,
-    untraced: IntCounter,
+    untraced_queue_full: IntCounter,
+    untraced_in_flight: IntCounter,
     in_flight: IntGauge,
     export_seconds: prometheus::Histogram,
 }
@@ -300,37 +304,42 @@ impl TraceMetrics {
             dropped_queue_full: dropped("queue_full"),
             dropped_export_failed: dropped("export_failed"),
             dropped_shutdown: dropped("shutdown"),
-            untraced: m.trace_jobs_untraced.clone(),
+            untraced_queue_full: m.trace_jobs_untraced.with_label_values(&["queue_full"]),
+            untraced_in_flight: m
+                .trace_jobs_untraced
+                .with_label_values(&["in_flight_limit"]),
             in_flight: m.trace_jobs_in_flight.clone(),
             export_seconds: m.trace_export_seconds.clone(),
         }
     }
 }
 
-/// Shares the strings that repeat from job to job (function names, client ids), so recording a
-/// job allocates nothing for them. Bounded: past `cap` distinct values, strings are allocated.
-struct Interner {
-    map: HashMap<Box<[u8]>, Arc<str>>,
-    cap: usize,
+/// A short string kept inline (function names and client ids usually are), so recording a
+/// job neither allocates nor touches shared reference counts for them.
+#[derive(Debug, Clone)]
+enum Tiny {
+    Inline(u8, [u8; 30]),
+    Heap(Box<str>),
 }
 
-impl Interner {
-    fn new(cap: usize) -> Self {
-        Interner {
-            map: HashMap::new(),
-            cap,
+impl Tiny {
+    fn new(b: &[u8]) -> Tiny {
+        match std::str::from_utf8(b) {
+            Ok(_) if b.len() <= 30 => {
+                let mut buf = [0u8; 30];
+                buf[..b.len()].copy_from_slice(b);
+                Tiny::Inline(b.len() as u8, buf)
+            }
+            _ => Tiny::Heap(String::from_utf8_lossy(b).into()),
         }
     }
 
-    fn get(&mut self, b: &[u8]) -> Arc<str> {
-        if let Some(s) = self.map.get(b) {
-            return s.clone();
+    fn as_str(&self) -> &str {
+        match self {
+            // Only valid UTF-8 is stored inline.
+            Tiny::Inline(n, b) => std::str::from_utf8(&b[..*n as usize]).unwrap_or(""),
+            Tiny::Heap(s) => s,
         }
-        let s: Arc<str> = String::from_utf8_lossy(b).into();
-        if self.map.len() < self.cap {
-            self.map.insert(b.into(), s.clone());
-        }
-        s
     }
 }
 
@@ -339,16 +348,24 @@ impl Interner {
 struct Peer {
     addr: SocketAddr,
     /// SET_CLIENT_ID, or `-` when none was set.
-    id: Arc<str>,
+    id: Tiny,
+}
+
+impl Peer {
+    fn of(p: &PeerInfo<'_>) -> Peer {
+        Peer {
+            addr: p.peer,
+            id: Tiny::new(p.client_id),
+        }
+    }
 }
 
 impl Peer {
     /// The id an operator knows the connection by: its SET_CLIENT_ID, else its address.
     fn display_id(&self) -> Cow<'_, str> {
-        if &*self.id == "-" || self.id.is_empty() {
-            Cow::Owned(self.addr.to_string())
-        } else {
-            Cow::Borrowed(&self.id)
+        match self.id.as_str() {
+            "-" | "" => Cow::Owned(self.addr.to_string()),
+            id => Cow::Borrowed(id),
         }
     }
 }
@@ -393,13 +410,11 @@ impl Segments {
     }
 }
 
-/// What is recorded about one traced job while it lives.
+/// What the export thread knows about one traced job while it lives.
 #[derive(Debug)]
 struct JobTrace {
-    seq: u64,
-    trace_id: u128,
     submitted: SystemTime,
-    function: Arc<str>,
+    function: Tiny,
     unique: Option<Box<str>>,
     priority: Priority,
     background: bool,
@@ -422,14 +437,14 @@ impl JobTrace {
         }
     }
 
-    fn close_attempt(&mut self, now: SystemTime, requeued: Option<&str>) {
+    fn close_attempt(&mut self, now: SystemTime, requeued: Option<Box<str>>) {
         if let Some((n, start, worker)) = self.running.take() {
             self.done.push(Segment::Attempt {
                 n,
                 start,
                 end: now,
                 worker,
-                requeued: requeued.map(Into::into),
+                requeued,
             });
         }
     }
@@ -452,30 +467,52 @@ impl JobTrace {
     }
 }
 
-/// What the tracer holds while jobs live.
-struct Inflight {
-    /// Traced jobs by sequence number.
-    jobs: HashMap<u64, JobTrace>,
-    /// A durable write handed to the mirror for a job not reported yet: (seq, when).
-    early_write: Option<(u64, SystemTime)>,
-    functions: Interner,
-    client_ids: Interner,
+/// What happened to a job, as the engine reported it; the export thread assembles traces from
+/// these, so the engine's lock is held only for an append.
+#[derive(Debug)]
+enum Event {
+    Submitted {
+        seq: u64,
+        at: SystemTime,
+        function: Tiny,
+        unique: Option<Box<str>>,
+        priority: Priority,
+        background: bool,
+        client: Option<Peer>,
+    },
+    PersistStarted {
+        seq: u64,
+        at: SystemTime,
+    },
+    Queued {
+        seq: u64,
+        at: SystemTime,
+    },
+    Assigned {
+        seq: u64,
+        at: SystemTime,
+        attempt: u32,
+        worker: Peer,
+    },
+    Requeued {
+        seq: u64,
+        at: SystemTime,
+        reason: Box<str>,
+    },
+    Finished {
+        seq: u64,
+        at: SystemTime,
+        outcome: JobOutcome,
+    },
 }
 
-/// A job that ended, on its way to the export thread.
-struct Finished {
-    trace: JobTrace,
-    outcome: JobOutcome,
-    end: SystemTime,
-}
-
-/// Finished jobs waiting for the export thread. The thread is woken once a batch is ready (or
-/// on a flush or stop), not per job: a wake-up per job would cost more than the job itself.
+/// Events waiting for the export thread. The thread is woken once a batch is ready (or on a
+/// flush or stop), not per event: a wake-up per job would cost more than the job itself.
 #[derive(Default)]
 struct Outbox {
-    jobs: Vec<Finished>,
-    /// Spans in `jobs`.
-    spans: usize,
+    events: Vec<Event>,
+    /// Events were lost (the hard limit was reached): traces in progress are incomplete.
+    gap: bool,
     /// Callers of [`JobTracer::flush`] waiting for everything before them to be exported.
     flush: Vec<mpsc::SyncSender<()>>,
     stop: bool,
@@ -495,21 +532,20 @@ impl Handoff {
 
 /// Follows jobs and exports one trace per job (see the module documentation).
 pub struct JobTracer {
-    /// Traced jobs. Locked only while the engine lock is held (engine → tracer), for a map
-    /// operation and a few timestamps; the export thread never takes it.
-    jobs: Mutex<Inflight>,
-    ids: otlp::Ids,
+    /// Trace ids are a keyed hash of the job's sequence number: known wherever the job is,
+    /// without storing them.
+    id_keys: RandomState,
     /// `H:<node_id>:`, as the engine prefixes handles.
     handle_prefix: String,
     /// A job is traced when the low 63 bits of its trace id are below this (as the
     /// OpenTelemetry TraceIdRatioBased sampler decides); `u64::MAX` = every job.
     sample_bound: u64,
-    max_in_flight: usize,
+    /// Events waiting past which new jobs are not traced (`tracing.max_queue`).
     max_queue: usize,
-    /// Spans handed to the export thread and not yet exported or dropped.
-    pending: Arc<AtomicUsize>,
+    /// Events waiting past which events are dropped (and traces in progress discarded).
+    hard_limit: usize,
     handoff: Arc<Handoff>,
-    /// Spans in the outbox at which the export thread is woken.
+    /// Events in the outbox at which the export thread is woken.
     wake_at: usize,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: TraceMetrics,
@@ -529,6 +565,12 @@ fn trace_hex(id: u128) -> String {
     format!("{id:032x}")
 }
 
+fn trace_id(keys: &RandomState, seq: u64) -> u128 {
+    let hi = keys.hash_one((seq, 0u8)) as u128;
+    let lo = keys.hash_one((seq, 1u8)).max(1) as u128;
+    (hi << 64) | lo
+}
+
 impl JobTracer {
     /// Starts the export thread; `node_id` is the engine's (job handles are `H:<node_id>:<n>`)
     /// and becomes the resource's `service.instance.id`.
@@ -538,8 +580,8 @@ impl JobTracer {
         metrics: &Metrics,
     ) -> Result<Arc<JobTracer>, TelemetryError> {
         let handoff = Arc::new(Handoff::default());
-        let pending = Arc::new(AtomicUsize::new(0));
         let tm = TraceMetrics::new(metrics);
+        let id_keys = RandomState::new();
         let mut res: Vec<(&str, otlp::Val<'_>)> = vec![
             ("service.name", otlp::Val::Str(&settings.service_name)),
             ("service.version", otlp::Val::Str(env!("CARGO_PKG_VERSION"))),
@@ -558,10 +600,10 @@ impl JobTracer {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let export = {
             let handoff = handoff.clone();
-            let pending = pending.clone();
             let metrics = tm.clone();
             let s = settings.clone();
             let handle_prefix = format!("H:{node_id}:");
+            let id_keys = id_keys.clone();
             move || {
                 let sender = match otlp::Sender::new(&s.endpoint, &s.headers, s.timeout) {
                     Ok(x) => {
@@ -579,12 +621,15 @@ impl JobTracer {
                     resource,
                     scope: otlp::scope("gearhouse", env!("CARGO_PKG_VERSION")),
                     ids: otlp::Ids::default(),
-                    pending,
+                    id_keys,
+                    jobs: HashMap::new(),
+                    max_in_flight: s.max_jobs_in_flight,
                     metrics,
                     batch: otlp::Batch::default(),
                     max_batch: s.max_export_batch,
                     delay: s.schedule_delay,
                     handle_prefix,
+                    early_write: None,
                     last_error_log: None,
                 }
                 .run()
@@ -620,18 +665,11 @@ impl JobTracer {
             "exporting one trace per job over OTLP/HTTP"
         );
         Ok(Arc::new(JobTracer {
-            jobs: Mutex::new(Inflight {
-                jobs: HashMap::new(),
-                early_write: None,
-                functions: Interner::new(10_000),
-                client_ids: Interner::new(4_096),
-            }),
-            ids: otlp::Ids::default(),
+            id_keys,
             handle_prefix: format!("H:{node_id}:"),
             sample_bound,
-            max_in_flight: settings.max_jobs_in_flight,
             max_queue: settings.max_queue,
-            pending,
+            hard_limit: settings.max_queue.saturating_mul(4),
             wake_at: settings.max_export_batch,
             handoff,
             thread: Mutex::new(Some(thread)),
@@ -645,17 +683,41 @@ impl JobTracer {
         &self.settings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inflight> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    /// The trace id (32 hex digits) job `seq` has if it is traced.
+    pub fn trace_id_of(&self, seq: u64) -> String {
+        trace_hex(trace_id(&self.id_keys, seq))
     }
 
-    /// The trace id (32 hex digits) of a job that is being traced.
-    pub fn trace_id_of(&self, seq: u64) -> Option<String> {
-        self.lock().jobs.get(&seq).map(|t| trace_hex(t.trace_id))
+    fn sampled(&self, seq: u64) -> bool {
+        self.sample_bound == u64::MAX
+            || (trace_id(&self.id_keys, seq) as u64 >> 1) < self.sample_bound
     }
 
-    fn sampled(&self, id: u128) -> bool {
-        self.sample_bound == u64::MAX || ((id as u64) >> 1) < self.sample_bound
+    /// Hands an event to the export thread. `new_job`: refused (the job is not traced) once
+    /// `max_queue` events wait; other events only past the hard limit, which discards the traces
+    /// in progress.
+    fn push(&self, ev: Event, new_job: bool) {
+        let wake = {
+            let mut o = self.handoff.lock();
+            let n = o.events.len();
+            if o.stop {
+                return;
+            }
+            if new_job && n >= self.max_queue {
+                drop(o);
+                self.metrics.untraced_queue_full.inc();
+                return;
+            }
+            if n >= self.hard_limit {
+                o.gap = true;
+                return;
+            }
+            o.events.push(ev);
+            n + 1 == self.wake_at
+        };
+        if wake {
+            self.handoff.wake.notify_one();
+        }
     }
 
     /// Exports every finished job's spans now; waits at most `timeout`. Blocking: call it
@@ -679,170 +741,119 @@ impl JobTracer {
         if !self.flush(timeout) {
             tracing::warn!("trace export did not finish within {timeout:?} at shutdown");
         }
-        let untraced = self.lock().jobs.len();
-        if untraced > 0 {
-            tracing::info!(
-                jobs = untraced,
-                "jobs still queued or running at shutdown are not exported as traces"
-            );
-        }
         self.handoff.lock().stop = true;
         self.handoff.wake.notify_one();
         // Detached: it ends after its current export (bounded by the exporter's timeout).
         self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    fn finish(&self, mut t: JobTrace, outcome: JobOutcome) {
-        let now = SystemTime::now();
-        t.close_queue(now);
-        t.close_attempt(now, None);
-        t.close_persist(now);
-        let n = t.span_count();
-        let before = self.pending.fetch_add(n, Ordering::Relaxed);
-        if before + n > self.max_queue {
-            self.pending.fetch_sub(n, Ordering::Relaxed);
-            self.metrics.dropped_queue_full.inc_by(n as u64);
-            return;
-        }
-        let wake = {
-            let mut o = self.handoff.lock();
-            if o.stop {
-                drop(o);
-                self.pending.fetch_sub(n, Ordering::Relaxed);
-                self.metrics.dropped_shutdown.inc_by(n as u64);
-                return;
-            }
-            o.jobs.push(Finished {
-                trace: t,
-                outcome,
-                end: now,
-            });
-            o.spans += n;
-            o.spans >= self.wake_at && o.spans - n < self.wake_at
-        };
-        if wake {
-            self.handoff.wake.notify_one();
-        }
-    }
-
     /// Records that a durable write of job `seq` was handed to the mirror.
     fn persist_started(&self, seq: u64) {
-        let now = SystemTime::now();
-        let mut g = self.lock();
-        match g.jobs.get_mut(&seq) {
-            Some(t) => {
-                t.persist_since.get_or_insert(now);
-            }
-            // A new job's write is handed over just before `submitted` reports the job.
-            None => g.early_write = Some((seq, now)),
+        if self.sampled(seq) {
+            self.push(
+                Event::PersistStarted {
+                    seq,
+                    at: SystemTime::now(),
+                },
+                false,
+            );
         }
     }
 }
 
 impl JobObserver for JobTracer {
     fn submitted(&self, job: &JobEvent<'_>) {
-        let trace_id = self.ids.trace_id();
-        if !self.sampled(trace_id) {
+        if !self.sampled(job.seq) {
             return;
         }
-        let now = SystemTime::now();
-        let mut g = self.lock();
-        let g = &mut *g;
-        let persist_since = match g.early_write.take() {
-            Some((seq, t)) if seq == job.seq => Some(t),
-            _ => None,
-        };
-        if g.jobs.len() >= self.max_in_flight {
-            self.metrics.untraced.inc();
-            return;
-        }
-        let client = job.client.as_ref().map(|c| Peer {
-            addr: c.peer,
-            id: g.client_ids.get(c.client_id),
-        });
-        let trace = JobTrace {
-            seq: job.seq,
-            trace_id,
-            // The job's life starts with its durable write, when it has one.
-            submitted: persist_since.unwrap_or(now),
-            function: g.functions.get(job.function),
-            unique: (!job.unique.is_empty()).then(|| String::from_utf8_lossy(job.unique).into()),
-            priority: job.priority,
-            background: job.background,
-            client,
-            persist_since,
-            persisted: None,
-            queued_since: None,
-            running: None,
-            done: Segments::default(),
-        };
-        g.jobs.insert(job.seq, trace);
-        self.metrics.in_flight.set(g.jobs.len() as i64);
+        self.push(
+            Event::Submitted {
+                seq: job.seq,
+                at: SystemTime::now(),
+                function: Tiny::new(job.function),
+                unique: (!job.unique.is_empty())
+                    .then(|| String::from_utf8_lossy(job.unique).into()),
+                priority: job.priority,
+                background: job.background,
+                client: job.client.as_ref().map(Peer::of),
+            },
+            true,
+        );
     }
 
     fn queued(&self, seq: u64) {
-        if let Some(t) = self.lock().jobs.get_mut(&seq) {
-            let now = SystemTime::now();
-            t.close_persist(now);
-            t.queued_since = Some(now);
-        }
-    }
-
-    fn assigned(&self, seq: u64, attempt: u32, worker: &PeerInfo<'_>) {
-        let mut g = self.lock();
-        let g = &mut *g;
-        if let Some(t) = g.jobs.get_mut(&seq) {
-            let now = SystemTime::now();
-            t.close_queue(now);
-            let peer = Peer {
-                addr: worker.peer,
-                id: g.client_ids.get(worker.client_id),
-            };
-            t.running = Some((attempt, now, peer));
-        }
-    }
-
-    fn requeued(&self, seq: u64, reason: &str) {
-        if let Some(t) = self.lock().jobs.get_mut(&seq) {
-            let attempt = t.running.as_ref().map(|r| r.0).unwrap_or(0);
-            t.close_attempt(SystemTime::now(), Some(reason));
-            tracing::info!(
-                trace_id = %trace_hex(t.trace_id),
-                handle = %format_args!("{}{}", self.handle_prefix, seq),
-                function = %t.function,
-                attempt,
-                reason,
-                "job attempt ended without a result"
+        if self.sampled(seq) {
+            self.push(
+                Event::Queued {
+                    seq,
+                    at: SystemTime::now(),
+                },
+                false,
             );
         }
     }
 
+    fn assigned(&self, seq: u64, attempt: u32, worker: &PeerInfo<'_>) {
+        if self.sampled(seq) {
+            self.push(
+                Event::Assigned {
+                    seq,
+                    at: SystemTime::now(),
+                    attempt,
+                    worker: Peer::of(worker),
+                },
+                false,
+            );
+        }
+    }
+
+    fn requeued(&self, seq: u64, reason: &str) {
+        if !self.sampled(seq) {
+            return;
+        }
+        tracing::info!(
+            trace_id = %self.trace_id_of(seq),
+            handle = %format_args!("{}{}", self.handle_prefix, seq),
+            reason,
+            "job attempt ended without a result"
+        );
+        self.push(
+            Event::Requeued {
+                seq,
+                at: SystemTime::now(),
+                reason: reason.into(),
+            },
+            false,
+        );
+    }
+
     fn finished(&self, seq: u64, outcome: JobOutcome) {
-        let (t, left) = {
-            let mut g = self.lock();
-            let t = g.jobs.remove(&seq);
-            (t, g.jobs.len())
-        };
-        let Some(t) = t else { return };
-        self.metrics.in_flight.set(left as i64);
+        if !self.sampled(seq) {
+            return;
+        }
         match outcome {
             JobOutcome::Dropped | JobOutcome::Refused => tracing::warn!(
-                trace_id = %trace_hex(t.trace_id),
+                trace_id = %self.trace_id_of(seq),
                 handle = %format_args!("{}{}", self.handle_prefix, seq),
-                function = %t.function,
                 outcome = outcome.as_str(),
                 "job ended without running to completion"
             ),
             JobOutcome::Fail | JobOutcome::Exception => tracing::debug!(
-                trace_id = %trace_hex(t.trace_id),
+                trace_id = %self.trace_id_of(seq),
                 handle = %format_args!("{}{}", self.handle_prefix, seq),
-                function = %t.function,
                 outcome = outcome.as_str(),
                 "job failed"
             ),
             _ => {}
         }
-        self.finish(t, outcome);
+        self.push(
+            Event::Finished {
+                seq,
+                at: SystemTime::now(),
+                outcome,
+            },
+            false,
+        );
     }
 }
 
@@ -885,29 +896,35 @@ impl Mirror for TracedMirror {
     }
 }
 
-/// Turns finished jobs into spans and exports them in batches, on its own thread.
+/// Assembles traces from events and exports them in batches, on its own thread.
 struct ExportLoop {
     handoff: Arc<Handoff>,
     sender: otlp::Sender,
     resource: Vec<u8>,
     scope: Vec<u8>,
     ids: otlp::Ids,
-    pending: Arc<AtomicUsize>,
+    id_keys: RandomState,
+    /// Traced jobs still queued or running.
+    jobs: HashMap<u64, JobTrace>,
+    max_in_flight: usize,
     metrics: TraceMetrics,
     batch: otlp::Batch,
     max_batch: usize,
     delay: Duration,
     handle_prefix: String,
+    /// A durable write reported before its job: (seq, when).
+    early_write: Option<(u64, SystemTime)>,
     last_error_log: Option<Instant>,
 }
 
 impl ExportLoop {
     fn run(mut self) {
+        let mut events = Vec::new();
         loop {
-            let (jobs, flush, stop) = {
+            let (flush, stop, gap) = {
                 let mut o = self.handoff.lock();
                 let deadline = Instant::now() + self.delay;
-                while o.spans < self.max_batch && o.flush.is_empty() && !o.stop {
+                while o.events.len() < self.max_batch && o.flush.is_empty() && !o.stop {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
@@ -919,26 +936,123 @@ impl ExportLoop {
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
-                o.spans = 0;
+                // Swap buffers: the engine keeps appending to the (emptied) vector we held.
+                std::mem::swap(&mut o.events, &mut events);
                 (
-                    std::mem::take(&mut o.jobs),
                     std::mem::take(&mut o.flush),
                     o.stop,
+                    std::mem::take(&mut o.gap),
                 )
             };
-            for f in &jobs {
-                self.add(f);
-                if self.batch.len() >= self.max_batch {
-                    self.export();
-                }
+            for ev in events.drain(..) {
+                self.apply(ev);
             }
-            drop(jobs);
+            if gap {
+                // Events after these were lost: the traces in progress cannot be completed.
+                let lost: usize = self.jobs.values().map(JobTrace::span_count).sum();
+                self.metrics.dropped_queue_full.inc_by(lost as u64);
+                self.jobs.clear();
+            }
+            self.metrics.in_flight.set(self.jobs.len() as i64);
             self.export();
             for ack in flush {
                 let _ = ack.try_send(());
             }
             if stop {
+                let lost: usize = self.jobs.values().map(JobTrace::span_count).sum();
+                if lost > 0 {
+                    self.metrics.dropped_shutdown.inc_by(lost as u64);
+                    tracing::info!(
+                        jobs = self.jobs.len(),
+                        "jobs still queued or running at shutdown are not exported as traces"
+                    );
+                }
                 return;
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: Event) {
+        match ev {
+            Event::Submitted {
+                seq,
+                at,
+                function,
+                unique,
+                priority,
+                background,
+                client,
+            } => {
+                if self.jobs.len() >= self.max_in_flight {
+                    self.metrics.untraced_in_flight.inc();
+                    return;
+                }
+                // A durable write is handed to the mirror just before the job is reported.
+                self.jobs.insert(
+                    seq,
+                    JobTrace {
+                        submitted: at,
+                        function,
+                        unique,
+                        priority,
+                        background,
+                        client,
+                        persist_since: None,
+                        persisted: None,
+                        queued_since: None,
+                        running: None,
+                        done: Segments::default(),
+                    },
+                );
+                if let Some(at) = self
+                    .early_write
+                    .take()
+                    .filter(|(s, _)| *s == seq)
+                    .map(|(_, t)| t)
+                {
+                    let t = self.jobs.get_mut(&seq).expect("just inserted");
+                    t.persist_since = Some(at);
+                    t.submitted = at;
+                }
+            }
+            Event::PersistStarted { seq, at } => match self.jobs.get_mut(&seq) {
+                Some(t) => {
+                    t.persist_since.get_or_insert(at);
+                }
+                None => self.early_write = Some((seq, at)),
+            },
+            Event::Queued { seq, at } => {
+                if let Some(t) = self.jobs.get_mut(&seq) {
+                    t.close_persist(at);
+                    t.queued_since = Some(at);
+                }
+            }
+            Event::Assigned {
+                seq,
+                at,
+                attempt,
+                worker,
+            } => {
+                if let Some(t) = self.jobs.get_mut(&seq) {
+                    t.close_queue(at);
+                    t.running = Some((attempt, at, worker));
+                }
+            }
+            Event::Requeued { seq, at, reason } => {
+                if let Some(t) = self.jobs.get_mut(&seq) {
+                    t.close_attempt(at, Some(reason));
+                }
+            }
+            Event::Finished { seq, at, outcome } => {
+                if let Some(mut t) = self.jobs.remove(&seq) {
+                    t.close_queue(at);
+                    t.close_attempt(at, None);
+                    t.close_persist(at);
+                    self.add(seq, &t, outcome, at);
+                    if self.batch.len() >= self.max_batch {
+                        self.export();
+                    }
+                }
             }
         }
     }
@@ -954,7 +1068,6 @@ impl ExportLoop {
         self.metrics
             .export_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.pending.fetch_sub(n, Ordering::Relaxed);
         match result {
             Ok(()) => self.metrics.exported.inc_by(n as u64),
             Err(e) => {
@@ -972,12 +1085,12 @@ impl ExportLoop {
     }
 
     /// Adds the spans of one finished job to the batch.
-    fn add(&mut self, f: &Finished) {
+    fn add(&mut self, seq: u64, t: &JobTrace, outcome: JobOutcome, end: SystemTime) {
         use otlp::Val::{Bool, Int, Str};
-        let t = &f.trace;
+        let tid = trace_id(&self.id_keys, seq);
         let root_id = self.ids.span_id();
-        let func: &str = &t.function;
-        let handle = format!("{}{}", self.handle_prefix, t.seq);
+        let func: &str = t.function.as_str();
+        let handle = format!("{}{}", self.handle_prefix, seq);
         let handle = handle.as_str();
         let mut name = String::with_capacity(func.len() + 8);
         let mut named = |prefix: &str| {
@@ -994,14 +1107,9 @@ impl ExportLoop {
 
         if let Some((start, end)) = t.persisted {
             let n = named("persist ");
-            let attrs = [
-                common[0],
-                common[1],
-                common[2],
-                ("messaging.operation.name", Str("persist")),
-            ];
+            let attrs = common;
             self.batch.push(&otlp::SpanRec {
-                trace_id: t.trace_id,
+                trace_id: tid,
                 span_id: self.ids.span_id(),
                 parent: root_id,
                 name: &n,
@@ -1018,15 +1126,9 @@ impl ExportLoop {
             match seg {
                 Segment::Queue { start, end } => {
                     let n = named("queue ");
-                    let attrs = [
-                        common[0],
-                        common[1],
-                        common[2],
-                        ("messaging.operation.name", Str("queue")),
-                        ("gearman.priority", Str(t.priority.as_str())),
-                    ];
+                    let attrs = common;
                     self.batch.push(&otlp::SpanRec {
-                        trace_id: t.trace_id,
+                        trace_id: tid,
                         span_id: self.ids.span_id(),
                         parent: root_id,
                         name: &n,
@@ -1047,10 +1149,9 @@ impl ExportLoop {
                     attempt_no += 1;
                     let n = named("attempt ");
                     let worker_id = worker.display_id();
-                    let ip = worker.addr.ip().to_string();
                     let status = match requeued {
                         Some(why) => (otlp::STATUS_ERROR, &**why),
-                        None if attempt_no == last_attempt => match f.outcome {
+                        None if attempt_no == last_attempt => match outcome {
                             JobOutcome::Fail => (otlp::STATUS_ERROR, "the worker sent WORK_FAIL"),
                             JobOutcome::Exception => {
                                 (otlp::STATUS_ERROR, "the worker sent WORK_EXCEPTION")
@@ -1063,24 +1164,20 @@ impl ExportLoop {
                         common[0],
                         common[1],
                         common[2],
-                        ("messaging.operation.name", Str("process")),
                         ("messaging.operation.type", Str("process")),
-                        ("messaging.consumer.group.name", Str(func)),
                         ("gearman.attempt", Int(*number as i64)),
                         ("gearman.worker_id", Str(&worker_id)),
-                        ("network.peer.address", Str(&ip)),
-                        ("network.peer.port", Int(worker.addr.port() as i64)),
                         ("gearman.requeue_reason", Str("")),
                     ];
                     let used = match requeued {
                         Some(why) => {
-                            attrs[10].1 = Str(why);
+                            attrs[6].1 = Str(why);
                             attrs.len()
                         }
                         None => attrs.len() - 1,
                     };
                     self.batch.push(&otlp::SpanRec {
-                        trace_id: t.trace_id,
+                        trace_id: tid,
                         span_id: self.ids.span_id(),
                         parent: root_id,
                         name: &n,
@@ -1116,7 +1213,7 @@ impl ExportLoop {
             ("gearman.unique", Str(t.unique.as_deref().unwrap_or(""))),
             ("gearman.priority", Str(t.priority.as_str())),
             ("gearman.background", Bool(t.background)),
-            ("gearman.outcome", Str(f.outcome.as_str())),
+            ("gearman.outcome", Str(outcome.as_str())),
             ("gearman.attempts", Int(last_attempt as i64)),
         ];
         if let (Some(c), Some(id), Some(ip)) = (&t.client, &client_id, &client_ip) {
@@ -1130,7 +1227,7 @@ impl ExportLoop {
         if let Some(w) = &final_worker {
             attrs.push(("gearman.worker_id", Str(w)));
         }
-        let status = match f.outcome {
+        let status = match outcome {
             JobOutcome::Complete | JobOutcome::Cancelled => (otlp::STATUS_UNSET, ""),
             JobOutcome::Fail => (otlp::STATUS_ERROR, "the worker sent WORK_FAIL"),
             JobOutcome::Exception => (otlp::STATUS_ERROR, "the worker sent WORK_EXCEPTION"),
@@ -1144,13 +1241,13 @@ impl ExportLoop {
             ),
         };
         self.batch.push(&otlp::SpanRec {
-            trace_id: t.trace_id,
+            trace_id: tid,
             span_id: root_id,
             parent: 0,
             name: &n,
             kind: otlp::KIND_SERVER,
             start: t.submitted,
-            end: f.end,
+            end,
             attrs: &attrs,
             status,
         });
@@ -1160,6 +1257,20 @@ impl ExportLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_ids_sample_evenly() {
+        let keys = RandomState::new();
+        let ids: std::collections::HashSet<u128> =
+            (0..10_000).map(|s| trace_id(&keys, s)).collect();
+        assert_eq!(ids.len(), 10_000);
+        // Ratio sampling looks at the low 63 bits: about half are below the middle.
+        let low = ids
+            .iter()
+            .filter(|&&t| ((t as u64) >> 1) < (1u64 << 62))
+            .count();
+        assert!((4_500..5_500).contains(&low), "{low}");
+    }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {

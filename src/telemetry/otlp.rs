@@ -198,8 +198,7 @@ impl Batch {
     }
 }
 
-/// Random ids for traces and spans: SipHash, keyed from the OS's randomness, of a counter. Cheap
-/// enough for the job path, and uniform, as ratio sampling on the trace id needs.
+/// Random span ids: SipHash, keyed from the OS's randomness, of a counter.
 pub struct Ids {
     keys: RandomState,
     next: AtomicU64,
@@ -219,10 +218,6 @@ impl Ids {
     pub fn span_id(&self) -> u64 {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.keys.hash_one(n).max(1)
-    }
-
-    pub fn trace_id(&self) -> u128 {
-        ((self.span_id() as u128) << 64) | self.span_id() as u128
     }
 }
 
@@ -319,10 +314,5 @@ mod tests {
         let a: std::collections::HashSet<u64> = (0..10_000).map(|_| ids.span_id()).collect();
         assert_eq!(a.len(), 10_000);
         assert!(!a.contains(&0));
-        // Ratio sampling looks at the low 63 bits: about half are below the middle.
-        let low = (0..10_000)
-            .filter(|_| ((ids.trace_id() as u64) >> 1) < (1u64 << 62))
-            .count();
-        assert!((4_500..5_500).contains(&low), "{low}");
     }
 }
