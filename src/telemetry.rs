@@ -32,7 +32,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::HashMap;
 use prometheus::{IntCounter, IntGauge};
@@ -373,72 +373,67 @@ impl Peer {
 #[derive(Debug)]
 enum Segment {
     Queue {
-        start: SystemTime,
-        end: SystemTime,
+        start: u64,
+        end: u64,
     },
     Attempt {
         n: u32,
-        start: SystemTime,
-        end: SystemTime,
+        start: u64,
+        end: u64,
         worker: Peer,
         /// Why the attempt ended without a result (the job went back to the queue).
         requeued: Option<Box<str>>,
     },
 }
 
-/// The closed waits and attempts of a job: the usual two inline, more (requeues) in a Vec.
+/// The closed waits and attempts of a job (allocated when the first wait ends).
 #[derive(Debug, Default)]
-struct Segments {
-    first: [Option<Segment>; 2],
-    more: Vec<Segment>,
-}
+struct Segments(Vec<Segment>);
 
 impl Segments {
     fn push(&mut self, s: Segment) {
-        match self.first.iter_mut().find(|f| f.is_none()) {
-            Some(slot) => *slot = Some(s),
-            None => self.more.push(s),
-        }
+        self.0.push(s)
     }
 
     fn iter(&self) -> impl Iterator<Item = &Segment> {
-        self.first.iter().flatten().chain(self.more.iter())
+        self.0.iter()
     }
 
     fn len(&self) -> usize {
-        self.first.iter().flatten().count() + self.more.len()
+        self.0.len()
     }
 }
 
 /// What the export thread knows about one traced job while it lives.
 #[derive(Debug)]
 struct JobTrace {
-    submitted: SystemTime,
+    submitted: u64,
     function: Tiny,
     unique: Option<Box<str>>,
     priority: Priority,
     background: bool,
     client: Option<Peer>,
     /// When its durable write was handed to the mirror, until the job became available.
-    persist_since: Option<SystemTime>,
+    persist_since: Option<u64>,
     /// The durable write the job waited for: (start, end).
-    persisted: Option<(SystemTime, SystemTime)>,
+    persisted: Option<(u64, u64)>,
     /// When it entered the queue it is in now.
-    queued_since: Option<SystemTime>,
-    /// The attempt in progress: (number, start, worker).
-    running: Option<(u32, SystemTime, Peer)>,
+    queued_since: Option<u64>,
+    /// The attempt in progress: (number, start, worker); boxed, as only running jobs have one.
+    running: Option<Box<(u32, u64, Peer)>>,
     done: Segments,
 }
 
 impl JobTrace {
-    fn close_queue(&mut self, now: SystemTime) {
+    fn close_queue(&mut self, now: u64) {
         if let Some(start) = self.queued_since.take() {
             self.done.push(Segment::Queue { start, end: now });
         }
     }
 
-    fn close_attempt(&mut self, now: SystemTime, requeued: Option<Box<str>>) {
-        if let Some((n, start, worker)) = self.running.take() {
+    fn close_attempt(&mut self, now: u64, requeued: Option<Box<str>>) {
+        if let Some(r) = self.running.take() {
+            let (n, start, worker) = *r;
             self.done.push(Segment::Attempt {
                 n,
                 start,
@@ -449,7 +444,7 @@ impl JobTrace {
         }
     }
 
-    fn close_persist(&mut self, now: SystemTime) {
+    fn close_persist(&mut self, now: u64) {
         if let Some(start) = self.persist_since.take() {
             self.persisted.get_or_insert((start, now));
         }
@@ -473,7 +468,7 @@ impl JobTrace {
 enum Event {
     Submitted {
         seq: u64,
-        at: SystemTime,
+        at: u64,
         function: Tiny,
         unique: Option<Box<str>>,
         priority: Priority,
@@ -482,26 +477,26 @@ enum Event {
     },
     PersistStarted {
         seq: u64,
-        at: SystemTime,
+        at: u64,
     },
     Queued {
         seq: u64,
-        at: SystemTime,
+        at: u64,
     },
     Assigned {
         seq: u64,
-        at: SystemTime,
+        at: u64,
         attempt: u32,
         worker: Peer,
     },
     Requeued {
         seq: u64,
-        at: SystemTime,
+        at: u64,
         reason: Box<str>,
     },
     Finished {
         seq: u64,
-        at: SystemTime,
+        at: u64,
         outcome: JobOutcome,
     },
 }
@@ -558,6 +553,14 @@ impl std::fmt::Debug for JobTracer {
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// Nanoseconds since the Unix epoch: span times, 8 bytes.
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// A trace id as logs and trace backends print it.
@@ -750,13 +753,7 @@ impl JobTracer {
     /// Records that a durable write of job `seq` was handed to the mirror.
     fn persist_started(&self, seq: u64) {
         if self.sampled(seq) {
-            self.push(
-                Event::PersistStarted {
-                    seq,
-                    at: SystemTime::now(),
-                },
-                false,
-            );
+            self.push(Event::PersistStarted { seq, at: now_ns() }, false);
         }
     }
 }
@@ -769,7 +766,7 @@ impl JobObserver for JobTracer {
         self.push(
             Event::Submitted {
                 seq: job.seq,
-                at: SystemTime::now(),
+                at: now_ns(),
                 function: Tiny::new(job.function),
                 unique: (!job.unique.is_empty())
                     .then(|| String::from_utf8_lossy(job.unique).into()),
@@ -783,13 +780,7 @@ impl JobObserver for JobTracer {
 
     fn queued(&self, seq: u64) {
         if self.sampled(seq) {
-            self.push(
-                Event::Queued {
-                    seq,
-                    at: SystemTime::now(),
-                },
-                false,
-            );
+            self.push(Event::Queued { seq, at: now_ns() }, false);
         }
     }
 
@@ -798,7 +789,7 @@ impl JobObserver for JobTracer {
             self.push(
                 Event::Assigned {
                     seq,
-                    at: SystemTime::now(),
+                    at: now_ns(),
                     attempt,
                     worker: Peer::of(worker),
                 },
@@ -820,7 +811,7 @@ impl JobObserver for JobTracer {
         self.push(
             Event::Requeued {
                 seq,
-                at: SystemTime::now(),
+                at: now_ns(),
                 reason: reason.into(),
             },
             false,
@@ -849,7 +840,7 @@ impl JobObserver for JobTracer {
         self.push(
             Event::Finished {
                 seq,
-                at: SystemTime::now(),
+                at: now_ns(),
                 outcome,
             },
             false,
@@ -913,7 +904,7 @@ struct ExportLoop {
     delay: Duration,
     handle_prefix: String,
     /// A durable write reported before its job: (seq, when).
-    early_write: Option<(u64, SystemTime)>,
+    early_write: Option<(u64, u64)>,
     last_error_log: Option<Instant>,
 }
 
@@ -1035,7 +1026,7 @@ impl ExportLoop {
             } => {
                 if let Some(t) = self.jobs.get_mut(&seq) {
                     t.close_queue(at);
-                    t.running = Some((attempt, at, worker));
+                    t.running = Some(Box::new((attempt, at, worker)));
                 }
             }
             Event::Requeued { seq, at, reason } => {
@@ -1085,7 +1076,7 @@ impl ExportLoop {
     }
 
     /// Adds the spans of one finished job to the batch.
-    fn add(&mut self, seq: u64, t: &JobTrace, outcome: JobOutcome, end: SystemTime) {
+    fn add(&mut self, seq: u64, t: &JobTrace, outcome: JobOutcome, end: u64) {
         use otlp::Val::{Bool, Int, Str};
         let tid = trace_id(&self.id_keys, seq);
         let root_id = self.ids.span_id();

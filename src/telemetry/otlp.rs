@@ -11,7 +11,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// `SpanKind` values of the OTLP schema.
 pub const KIND_INTERNAL: u64 = 1;
@@ -36,8 +36,9 @@ pub struct SpanRec<'a> {
     pub parent: u64,
     pub name: &'a str,
     pub kind: u64,
-    pub start: SystemTime,
-    pub end: SystemTime,
+    /// Nanoseconds since the Unix epoch.
+    pub start: u64,
+    pub end: u64,
     pub attrs: &'a [(&'a str, Val<'a>)],
     /// (code, message)
     pub status: (u64, &'a str),
@@ -105,12 +106,6 @@ fn put_kv(b: &mut Vec<u8>, field: u32, key: &str, v: Val<'_>) {
     }
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// Encodes a `Resource` message with these attributes.
 pub fn resource(attrs: &[(&str, Val<'_>)]) -> Vec<u8> {
     let mut b = Vec::new();
@@ -158,9 +153,9 @@ impl Batch {
         put_tag(b, 6, VARINT);
         put_varint(b, s.kind);
         put_tag(b, 7, FIXED64);
-        b.extend_from_slice(&nanos(s.start).to_le_bytes());
+        b.extend_from_slice(&s.start.to_le_bytes());
         put_tag(b, 8, FIXED64);
-        b.extend_from_slice(&nanos(s.end.max(s.start)).to_le_bytes());
+        b.extend_from_slice(&s.end.max(s.start).to_le_bytes());
         for (k, v) in s.attrs {
             put_kv(b, 9, k, *v);
         }
