@@ -328,6 +328,14 @@ impl MemcachedMirror {
         self.inner.publish_watermarks(&st);
     }
 
+    /// The current `(low, high)` watermarks.
+    pub(super) fn watermarks(&self) -> (u64, u64) {
+        (
+            self.inner.low.load(Ordering::SeqCst),
+            self.inner.high.load(Ordering::SeqCst),
+        )
+    }
+
     /// Starts the writer, prober, repair and completion tasks. Call once, after recovery.
     pub fn start(&self, health: Arc<Health>, shutdown: CancellationToken) {
         let inner = &self.inner;

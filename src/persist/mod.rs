@@ -287,6 +287,9 @@ impl Persistence {
         let high = scan.high;
         engine.restore(Vec::new(), high + 1);
         self.mirror.set_watermarks(high);
+        let (low, high) = self.mirror.watermarks();
+        cl.reset_watermarks(&s.namespace, &s.node_id, s.connections_per_node, low, high)
+            .await?;
         let down = cl.unreachable();
         drop(cl);
         release_free_memory();

@@ -290,6 +290,41 @@ impl Cluster {
             .collect()
     }
 
+    /// Rewrites the watermark keys of `node_id` on every reachable node after a recovery:
+    /// `low..=high` for writer connections `0..conns`, and deletes the keys of connections
+    /// an older configuration had, so a stale low watermark never lengthens the next recovery.
+    pub async fn reset_watermarks(
+        &mut self,
+        ns: &str,
+        node_id: &str,
+        conns: usize,
+        low: u64,
+        high: u64,
+    ) -> Result<(), PersistError> {
+        let mut req = BytesMut::new();
+        for i in 0..MAX_META_KEYS {
+            let key = record::meta_key(ns, node_id, i);
+            if i < conns {
+                client::put_set(&mut req, &key, &record::encode_meta(low, high));
+            } else {
+                client::put_delete(&mut req, &key);
+            }
+        }
+        for (i, replies) in self.each(&req, MAX_META_KEYS).await.into_iter().enumerate() {
+            let Some(replies) = replies else { continue };
+            if let Some(bad) = replies
+                .iter()
+                .find(|r| !matches!(r, Reply::Stored | Reply::NotFound))
+            {
+                return Err(PersistError::Recovery(format!(
+                    "memcached {} refused a watermark write: {bad:?}",
+                    self.addrs[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes keys on every reachable node (pipelined).
     pub async fn delete_keys(&mut self, keys: &[Bytes]) {
         if keys.is_empty() {
