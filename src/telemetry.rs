@@ -360,16 +360,6 @@ impl Peer {
     }
 }
 
-impl Peer {
-    /// The id an operator knows the connection by: its SET_CLIENT_ID, else its address.
-    fn display_id(&self) -> Cow<'_, str> {
-        match self.id.as_str() {
-            "-" | "" => Cow::Owned(self.addr.to_string()),
-            id => Cow::Borrowed(id),
-        }
-    }
-}
-
 #[derive(Debug)]
 enum Segment {
     Queue {
@@ -632,6 +622,7 @@ impl JobTracer {
                     max_batch: s.max_export_batch,
                     delay: s.schedule_delay,
                     handle_prefix,
+                    addr_text: HashMap::new(),
                     early_write: None,
                     last_error_log: None,
                 }
@@ -903,6 +894,8 @@ struct ExportLoop {
     max_batch: usize,
     delay: Duration,
     handle_prefix: String,
+    /// `ip:port` of connections seen in traces.
+    addr_text: HashMap<SocketAddr, Box<str>>,
     /// A durable write reported before its job: (seq, when).
     early_write: Option<(u64, u64)>,
     last_error_log: Option<Instant>,
@@ -1078,6 +1071,26 @@ impl ExportLoop {
     /// Adds the spans of one finished job to the batch.
     fn add(&mut self, seq: u64, t: &JobTrace, outcome: JobOutcome, end: u64) {
         use otlp::Val::{Bool, Int, Str};
+        // Connections are long-lived: their addresses are formatted once, not per span.
+        if self.addr_text.len() > 4096 {
+            self.addr_text.clear();
+        }
+        let peers = t.client.iter().chain(t.done.iter().filter_map(|s| match s {
+            Segment::Attempt { worker, .. } => Some(worker),
+            _ => None,
+        }));
+        for p in peers {
+            self.addr_text
+                .entry(p.addr)
+                .or_insert_with(|| p.addr.to_string().into());
+        }
+        let addr_text = &self.addr_text;
+        let id_of = |p: &Peer| -> Cow<'_, str> {
+            match p.id.as_str() {
+                "-" | "" => Cow::Borrowed(addr_text.get(&p.addr).map(|s| &**s).unwrap_or("-")),
+                id => Cow::Owned(id.to_string()),
+            }
+        };
         let tid = trace_id(&self.id_keys, seq);
         let root_id = self.ids.span_id();
         let func: &str = t.function.as_str();
@@ -1139,7 +1152,7 @@ impl ExportLoop {
                 } => {
                     attempt_no += 1;
                     let n = named("attempt ");
-                    let worker_id = worker.display_id();
+                    let worker_id = id_of(worker);
                     let status = match requeued {
                         Some(why) => (otlp::STATUS_ERROR, &**why),
                         None if attempt_no == last_attempt => match outcome {
@@ -1184,36 +1197,28 @@ impl ExportLoop {
 
         // The root: the job from submit to its final outcome.
         let n = named("job ");
-        let client_id = t.client.as_ref().map(|c| c.display_id());
-        let client_ip = t.client.as_ref().map(|c| c.addr.ip().to_string());
+        let client_id = t.client.as_ref().map(id_of);
         let final_worker = match t.done.iter().last() {
             Some(Segment::Attempt {
                 worker,
                 requeued: None,
                 ..
-            }) => Some(worker.display_id()),
+            }) => Some(id_of(worker)),
             _ => None,
         };
         let mut attrs = vec![
             common[0],
             common[1],
             common[2],
-            ("messaging.operation.name", Str("submit")),
             ("messaging.operation.type", Str("send")),
-            ("messaging.message.id", Str(handle)),
             ("gearman.unique", Str(t.unique.as_deref().unwrap_or(""))),
             ("gearman.priority", Str(t.priority.as_str())),
             ("gearman.background", Bool(t.background)),
             ("gearman.outcome", Str(outcome.as_str())),
             ("gearman.attempts", Int(last_attempt as i64)),
         ];
-        if let (Some(c), Some(id), Some(ip)) = (&t.client, &client_id, &client_ip) {
-            attrs.extend([
-                ("gearman.client_id", Str(id)),
-                ("messaging.client.id", Str(id)),
-                ("network.peer.address", Str(ip)),
-                ("network.peer.port", Int(c.addr.port() as i64)),
-            ]);
+        if let Some(id) = &client_id {
+            attrs.push(("gearman.client_id", Str(id)));
         }
         if let Some(w) = &final_worker {
             attrs.push(("gearman.worker_id", Str(w)));
