@@ -82,6 +82,18 @@ pub fn put_delete(buf: &mut BytesMut, key: &[u8]) {
     buf.extend_from_slice(b"\r\n");
 }
 
+/// Appends `md <key> q\r\n`: a quiet delete, answered only when it fails.
+pub fn put_quiet_delete(buf: &mut BytesMut, key: &[u8]) {
+    buf.extend_from_slice(b"md ");
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(b" q\r\n");
+}
+
+/// Appends `mn\r\n`, answered `MN` after everything before it.
+pub fn put_noop(buf: &mut BytesMut) {
+    buf.extend_from_slice(b"mn\r\n");
+}
+
 /// Appends `mg <key> v\r\n` (reply: VA or EN).
 pub fn put_get(buf: &mut BytesMut, key: &[u8]) {
     buf.extend_from_slice(b"mg ");
@@ -127,6 +139,21 @@ impl Connection {
         request: &[u8],
         replies: usize,
         timeout: Duration,
+        on_reply: impl FnMut(usize, Reply),
+    ) -> Result<(), ClientError> {
+        self.exchange_then_noop(request, replies, false, timeout, on_reply)
+            .await
+    }
+
+    /// As [`Connection::exchange`]; with `until_noop`, keeps reading after the `replies`
+    /// counted replies until `MN` (quiet commands at the end of the pipeline answer only when
+    /// they fail; those error lines and the final `MN` go to `on_reply` too).
+    pub async fn exchange_then_noop(
+        &mut self,
+        request: &[u8],
+        replies: usize,
+        until_noop: bool,
+        timeout: Duration,
         mut on_reply: impl FnMut(usize, Reply),
     ) -> Result<(), ClientError> {
         let ms = timeout.as_millis() as u64;
@@ -140,11 +167,18 @@ impl Connection {
             };
             let read = async {
                 let mut n = 0;
-                while n < replies {
+                let mut done = replies == 0 && !until_noop;
+                while !done {
                     match parse_reply(rbuf)? {
                         Some(r) => {
+                            let noop = r == Reply::NoOp;
                             on_reply(n, r);
                             n += 1;
+                            done = if until_noop {
+                                n > replies && noop
+                            } else {
+                                n >= replies
+                            };
                         }
                         None => {
                             if rbuf.capacity() - rbuf.len() < 16 * 1024 {

@@ -905,6 +905,18 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                     });
                     let meta =
                         (needs_cover || refresh).then(|| (low, high.max(covered.1) + HIGH_RESERVE));
+                    // Sets first (each answered), then quiet deletes (answered only when
+                    // they fail, or NF) and `mn`. Moving deletes after the sets keeps every
+                    // job's delete after its write.
+                    let sets = {
+                        let (mut s, mut d): (Vec<Op>, Vec<Op>) =
+                            batch.drain(..).partition(|op| matches!(op, Op::Set { .. }));
+                        let n = s.len();
+                        s.append(&mut d);
+                        batch = s;
+                        n
+                    };
+                    let deletes = batch.len() - sets;
                     buf.clear();
                     if let Some((lo, hi)) = meta {
                         client::put_set(&mut buf, &meta_key, &record::encode_meta(lo, hi));
@@ -912,21 +924,30 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                     for op in &batch {
                         match op {
                             Op::Set { job, .. } => client::put_set(&mut buf, &job.key, &job.value),
-                            Op::Delete { seq, .. } => client::put_delete(
+                            Op::Delete { seq, .. } => client::put_quiet_delete(
                                 &mut buf,
                                 &record::job_key(&inner.s.namespace, &inner.s.node_id, *seq),
                             ),
                         }
                     }
+                    if deletes > 0 {
+                        client::put_noop(&mut buf);
+                    }
                     let skip = meta.is_some() as usize;
                     let mut meta_reply = None;
-                    let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+                    let mut replies: Vec<Reply> = Vec::with_capacity(sets);
+                    let mut delete_error: Option<Reply> = None;
                     let r = c
-                        .exchange(&buf, batch.len() + skip, timeout, |i, reply| {
+                        .exchange_then_noop(&buf, sets + skip, deletes > 0, timeout, |i, reply| {
                             if i < skip {
                                 meta_reply = Some(reply);
-                            } else {
+                            } else if i < skip + sets {
                                 replies.push(reply);
+                            } else if !matches!(
+                                reply,
+                                Reply::NoOp | Reply::NotFound | Reply::Stored
+                            ) {
+                                delete_error.get_or_insert(reply);
                             }
                         })
                         .await;
@@ -937,27 +958,27 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
                                 covered = m;
                                 last_refresh = Instant::now();
                             }
-                            for (op, reply) in batch.iter().zip(replies.iter()) {
-                                outcomes.push(match (op, reply) {
-                                    (Op::Set { .. }, Reply::Stored) if meta_ok => Outcome::Ok,
-                                    (Op::Set { job, .. }, Reply::Stored) => {
-                                        Outcome::Refused(explain(
-                                            &addr,
-                                            meta_reply.as_ref().unwrap_or(&Reply::Miss),
-                                            job.value.len(),
-                                        ))
-                                    }
-                                    (Op::Set { job, .. }, other) => {
+                            for (op, reply) in batch[..sets].iter().zip(replies.iter()) {
+                                let Op::Set { job, .. } = op else {
+                                    continue;
+                                };
+                                outcomes.push(match reply {
+                                    Reply::Stored if meta_ok => Outcome::Ok,
+                                    Reply::Stored => Outcome::Refused(explain(
+                                        &addr,
+                                        meta_reply.as_ref().unwrap_or(&Reply::Miss),
+                                        job.value.len(),
+                                    )),
+                                    other => {
                                         Outcome::Refused(explain(&addr, other, job.value.len()))
-                                    }
-                                    (Op::Delete { .. }, Reply::Stored | Reply::NotFound) => {
-                                        Outcome::Ok
-                                    }
-                                    (Op::Delete { .. }, other) => {
-                                        Outcome::NodeFailed(format!("{other:?}"))
                                     }
                                 });
                             }
+                            // A failed quiet delete does not say which: retry them all later.
+                            outcomes.extend((0..deletes).map(|_| match &delete_error {
+                                None => Outcome::Ok,
+                                Some(e) => Outcome::NodeFailed(format!("{e:?}")),
+                            }));
                         }
                         Err(e) => {
                             conn = None;
