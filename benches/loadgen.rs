@@ -376,15 +376,13 @@ async fn worker(
                     sleeping = true;
                 }
             }
-            PacketType::NOOP => {
-                if sleeping && !stopping {
-                    sleeping = false;
-                    for _ in 0..k {
-                        c.put(PacketType::GRAB_JOB_UNIQ, &[]);
-                    }
-                    grabs_out = k;
-                    c.flush().await?;
+            PacketType::NOOP if sleeping && !stopping => {
+                sleeping = false;
+                for _ in 0..k {
+                    c.put(PacketType::GRAB_JOB_UNIQ, &[]);
                 }
+                grabs_out = k;
+                c.flush().await?;
             }
             PacketType::ECHO_RES if stopping => {
                 return Ok(WorkerDone {
