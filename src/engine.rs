@@ -576,7 +576,12 @@ impl Engine {
         let func = match self.function_id(st, &s.function) {
             Ok(f) => f,
             Err(e) => {
-                metrics.refused(crate::metrics::OTHER_FUNCTION, "too_many_functions");
+                metrics.refused(
+                    crate::metrics::OTHER_FUNCTION,
+                    "too_many_functions",
+                    s.priority,
+                    s.background,
+                );
                 put_error(out, &e);
                 return SubmitOutcome::Refused;
             }
@@ -594,7 +599,7 @@ impl Engine {
             None => self.shared.cfg.max_queue_per_function,
         };
         if limit > 0 && f.queued[s.priority as usize] >= limit {
-            metrics.refused(&f.metrics.label, "queue_full");
+            metrics.refused(&f.metrics.label, "queue_full", s.priority, s.background);
             put_error(
                 out,
                 &ProtocolError::new(
@@ -647,7 +652,12 @@ impl Engine {
                 attempts: 0,
             };
             if let Err(why) = self.shared.mirror.as_ref().expect("mirror").write(record) {
-                metrics.refused(&st.functions[func as usize].metrics.label, "not_durable");
+                metrics.refused(
+                    &st.functions[func as usize].metrics.label,
+                    "not_durable",
+                    s.priority,
+                    s.background,
+                );
                 put_error(out, &ProtocolError::new("QUEUE_ERROR", why.0));
                 return SubmitOutcome::Refused;
             }
@@ -694,7 +704,10 @@ impl Engine {
     ) -> SubmitOutcome {
         let job = &mut st.jobs[slot as usize];
         let seq = job.seq;
-        st.functions[job.func as usize].metrics.coalesced.inc();
+        st.functions[job.func as usize]
+            .metrics
+            .coalesced
+            .inc(s.priority, s.background);
         if !s.background {
             job.extra().waiters.push(conn);
             if let Some(c) = st.conns.get_mut(&conn) {
@@ -890,7 +903,9 @@ impl Engine {
                 put_error(&mut b, &err);
                 let pkt = b.freeze();
                 for a in &acks {
-                    self.shared.metrics.refused(&label, "not_durable");
+                    self.shared
+                        .metrics
+                        .refused(&label, "not_durable", job.priority, true);
                     if let Some(c) = st.conns.get(a) {
                         send(c, pkt.clone(), false, &self.shared.metrics);
                     }
@@ -1155,15 +1170,15 @@ impl Engine {
             .observe(now.saturating_sub(job.since_ns) as f64 / 1e9);
         let outcome = match kind {
             WorkKind::Complete => {
-                f.metrics.completed.inc();
+                f.metrics.completed.inc(job.priority, job.background);
                 JobOutcome::Complete
             }
             WorkKind::Fail => {
-                f.metrics.failed.inc();
+                f.metrics.failed.inc(job.priority, job.background);
                 JobOutcome::Fail
             }
             _ => {
-                f.metrics.exceptions.inc();
+                f.metrics.exceptions.inc(job.priority, job.background);
                 JobOutcome::Exception
             }
         };
@@ -1242,7 +1257,7 @@ impl Engine {
         if retries > 0 && job.attempts >= retries {
             tracing::warn!(handle = %String::from_utf8_lossy(&self.handle_of(seq)), attempts = job.attempts,
                 "dropping job after {} attempts ({why}; engine.job_retries)", job.attempts);
-            f.metrics.failed.inc();
+            f.metrics.failed.inc(job.priority, job.background);
             let pkt = response(PacketType::WORK_FAIL, &[&self.handle_of(seq)]);
             for w in job.waiters() {
                 if let Some(c) = st.conns.get(w) {
@@ -1261,7 +1276,7 @@ impl Engine {
             self.remove_job(st, slot, JobOutcome::Cancelled);
             return;
         }
-        f.metrics.retried.inc();
+        f.metrics.retried.inc(job.priority, job.background);
         // The next attempt starts from scratch: GET_STATUS must not report the lost worker's
         // progress (gearmand resets it to 0/0 on requeue too).
         if let Some(e) = job.extra.as_mut() {

@@ -77,14 +77,36 @@ pub struct FunctionMetrics {
     pub label: String,
     /// Indexed by priority, then background (0 = foreground).
     pub submitted: [[IntCounter; 2]; 3],
-    pub completed: IntCounter,
-    pub failed: IntCounter,
-    pub exceptions: IntCounter,
-    pub retried: IntCounter,
-    pub coalesced: IntCounter,
+    pub completed: ByMode,
+    pub failed: ByMode,
+    pub exceptions: ByMode,
+    pub retried: ByMode,
+    pub coalesced: ByMode,
     pub queued_seconds: Histogram,
     pub running_seconds: Histogram,
 }
+
+/// One counter per priority and mode (foreground/background) of a function.
+#[derive(Clone)]
+pub struct ByMode([[IntCounter; 2]; 3]);
+
+impl ByMode {
+    fn new(v: &IntCounterVec, label: &str) -> ByMode {
+        ByMode(
+            Priority::ALL.map(|p| {
+                [MODES[0], MODES[1]].map(|m| v.with_label_values(&[label, p.as_str(), m]))
+            }),
+        )
+    }
+
+    /// Counts one job of priority `p`, background or not.
+    pub fn inc(&self, p: Priority, background: bool) {
+        self.0[p as usize][background as usize].inc();
+    }
+}
+
+/// `mode` label values, indexed by the background flag.
+const MODES: [&str; 2] = ["foreground", "background"];
 
 /// Caps the number of distinct function label values.
 #[derive(Debug)]
@@ -180,12 +202,12 @@ impl Metrics {
         let m = Metrics {
             labels: Mutex::new(FunctionLabels::new(function_label_cap)),
             jobs_submitted: counter_vec(&r, "gearhouse_jobs_submitted_total", "Jobs accepted, by function, priority and mode (foreground/background); coalesced submits not included", fpm),
-            jobs_completed: counter_vec(&r, "gearhouse_jobs_completed_total", "Jobs a worker completed (WORK_COMPLETE)", f),
-            jobs_failed: counter_vec(&r, "gearhouse_jobs_failed_total", "Jobs that failed (WORK_FAIL, or dropped after job_retries attempts)", f),
-            jobs_exceptions: counter_vec(&r, "gearhouse_jobs_exceptions_total", "Jobs that ended with WORK_EXCEPTION", f),
-            jobs_retried: counter_vec(&r, "gearhouse_jobs_retried_total", "Jobs put back in the queue after their worker disconnected, timed out or gave up the function", f),
-            jobs_coalesced: counter_vec(&r, "gearhouse_jobs_coalesced_total", "Submits that joined an existing job with the same unique id", f),
-            jobs_refused: counter_vec(&r, "gearhouse_jobs_refused_total", "Submits refused with an ERROR, by reason", &["function", "reason"]),
+            jobs_completed: counter_vec(&r, "gearhouse_jobs_completed_total", "Jobs a worker completed (WORK_COMPLETE)", fpm),
+            jobs_failed: counter_vec(&r, "gearhouse_jobs_failed_total", "Jobs that failed (WORK_FAIL, or dropped after job_retries attempts)", fpm),
+            jobs_exceptions: counter_vec(&r, "gearhouse_jobs_exceptions_total", "Jobs that ended with WORK_EXCEPTION", fpm),
+            jobs_retried: counter_vec(&r, "gearhouse_jobs_retried_total", "Jobs put back in the queue after their worker disconnected, timed out or gave up the function", fpm),
+            jobs_coalesced: counter_vec(&r, "gearhouse_jobs_coalesced_total", "Submits that joined an existing job with the same unique id, by the joining submit's priority and mode", fpm),
+            jobs_refused: counter_vec(&r, "gearhouse_jobs_refused_total", "Submits refused with an ERROR, by reason, priority and mode", &["function", "reason", "priority", "mode"]),
             job_queued_seconds: histogram_vec(&r, "gearhouse_job_queued_seconds", "Time from submit (or requeue) to assignment to a worker", f),
             job_running_seconds: histogram_vec(&r, "gearhouse_job_running_seconds", "Time from assignment to the worker's final result", f),
             connections: gauge(&r, "gearhouse_connections", "Open connections"),
@@ -258,14 +280,14 @@ impl Metrics {
             self.jobs_submitted
                 .with_label_values(&[label.as_str(), p.as_str(), mode])
         };
-        let one = |v: &IntCounterVec| v.with_label_values(&[label.as_str()]);
+        let by_mode = |v: &IntCounterVec| ByMode::new(v, &label);
         FunctionMetrics {
             submitted: Priority::ALL.map(|p| [sub(p, "foreground"), sub(p, "background")]),
-            completed: one(&self.jobs_completed),
-            failed: one(&self.jobs_failed),
-            exceptions: one(&self.jobs_exceptions),
-            retried: one(&self.jobs_retried),
-            coalesced: one(&self.jobs_coalesced),
+            completed: by_mode(&self.jobs_completed),
+            failed: by_mode(&self.jobs_failed),
+            exceptions: by_mode(&self.jobs_exceptions),
+            retried: by_mode(&self.jobs_retried),
+            coalesced: by_mode(&self.jobs_coalesced),
             queued_seconds: self.job_queued_seconds.with_label_values(&[label.as_str()]),
             running_seconds: self
                 .job_running_seconds
@@ -280,8 +302,10 @@ impl Metrics {
     }
 
     /// Counts a refused submit.
-    pub fn refused(&self, label: &str, reason: &str) {
-        self.jobs_refused.with_label_values(&[label, reason]).inc();
+    pub fn refused(&self, label: &str, reason: &str, p: Priority, background: bool) {
+        self.jobs_refused
+            .with_label_values(&[label, reason, p.as_str(), MODES[background as usize]])
+            .inc();
     }
 
     /// Encodes every metric in the Prometheus text format.

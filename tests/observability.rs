@@ -201,6 +201,22 @@ async fn metric(http: SocketAddr, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sum of the series of `name` whose labels include every pair of `labels` (in any order).
+async fn metric_where(http: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (code, body) = http_get(http, "/metrics").await.expect("GET /metrics");
+    assert_eq!(code, 200);
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|rest| rest.split_once("} "))
+        .filter(|(set, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, v)| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
 async fn wait_metric(
     http: SocketAddr,
     series: &str,
@@ -545,11 +561,12 @@ async fn invented_function_names_fold_into_other() {
         labels, expected,
         "the first {CAP} functions keep their name"
     );
-    // Per label: 6 submit counters, 5 outcome counters, 2 histograms of 23 series, 4
-    // exporter gauges, 3 queue depths (refusals would add more, there are none).
+    // Per label: 6 series (3 priorities x 2 modes) for each of the submit, complete, fail,
+    // exception, retry and coalesce counters, 2 histograms of 23 series, 4 exporter gauges,
+    // 3 queue depths (refusals would add more, there are none).
     assert_eq!(
         series,
-        (CAP + 1) * (6 + 5 + 2 * 23 + 4 + 3),
+        (CAP + 1) * (6 * 6 + 2 * 23 + 4 + 3),
         "series are bounded by the cap"
     );
     let other = |m: &str| format!("{m}{{function=\"__other__\"}}");
@@ -771,7 +788,7 @@ async fn finished_jobs(http: SocketAddr, func: &str) -> f64 {
         "gearhouse_jobs_failed_total",
         "gearhouse_jobs_exceptions_total",
     ] {
-        n += metric(http, &format!("{m}{{function=\"{func}\"}}")).await;
+        n += metric_where(http, m, &[("function", func)]).await;
     }
     n
 }
@@ -873,13 +890,6 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
     }
     // 2 + 1 jobs before the loop (one of them retried once), JOBS in it; the epoch job waits.
     let total = (3 + JOBS) as f64;
-    wait_metric(
-        http,
-        &format!("gearhouse_jobs_completed_total{{function=\"{F}\"}}"),
-        |v| v > 0.0,
-        Duration::from_secs(5),
-    )
-    .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while finished_jobs(http, F).await < total {
         assert!(
@@ -1088,4 +1098,77 @@ fn alert_rules_check_and_every_alert_has_firing_and_quiet_tests() {
         assert!(quiet.contains_key(&name), "no test shows {name} quiet");
     }
     assert_eq!(alert_names().len(), 12);
+}
+
+/// Outcome counters carry the job's priority and mode, like the submit counter; coalesced and
+/// refused submits carry the submit's.
+#[tokio::test]
+async fn outcome_counters_by_priority_and_mode() {
+    let server = common::TestServer::start(&[]).await;
+    let mut c = server.connect().await;
+    let mut w = server.connect().await;
+    w.send(CAN_DO, &[b"modes"]).await;
+    // A high-priority foreground job completes; a low-priority background job fails.
+    c.submit(SUBMIT_JOB_HIGH, "modes", "", b"a").await;
+    w.send(GRAB_JOB, &[]).await;
+    let a = w.expect(JOB_ASSIGN).await;
+    w.send(WORK_COMPLETE, &[a.arg(0).as_bytes(), b""]).await;
+    c.expect(WORK_COMPLETE).await;
+    c.submit(SUBMIT_JOB_LOW_BG, "modes", "u", b"b").await;
+    c.submit(SUBMIT_JOB_BG, "modes", "u", b"b").await; // coalesced
+    w.send(GRAB_JOB, &[]).await;
+    let a = w.expect(JOB_ASSIGN).await;
+    w.send(WORK_FAIL, &[a.arg(0).as_bytes()]).await;
+    // A refused submit: the high queue of `modes` is full.
+    assert_eq!(c.admin("maxqueue modes 0 0 0").await, "OK\r\n");
+    assert_eq!(c.admin("maxqueue modes 1 0 0").await, "OK\r\n");
+    c.submit(SUBMIT_JOB_HIGH_BG, "modes", "", b"c").await;
+    c.send(SUBMIT_JOB_HIGH_BG, &[b"modes", b"", b"d"]).await;
+    c.expect(ERROR).await;
+    w.send(ECHO_REQ, &[b"sync"]).await;
+    w.expect(ECHO_RES).await;
+    let h = server.http;
+    let m = |name: &'static str, p: &'static str, mode: &'static str| async move {
+        metric_where(
+            h,
+            name,
+            &[("function", "modes"), ("priority", p), ("mode", mode)],
+        )
+        .await
+    };
+    assert_eq!(
+        m("gearhouse_jobs_completed_total", "high", "foreground").await,
+        1.0
+    );
+    assert_eq!(
+        m("gearhouse_jobs_completed_total", "low", "background").await,
+        0.0
+    );
+    assert_eq!(
+        m("gearhouse_jobs_failed_total", "low", "background").await,
+        1.0
+    );
+    assert_eq!(
+        m("gearhouse_jobs_failed_total", "high", "foreground").await,
+        0.0
+    );
+    assert_eq!(
+        m("gearhouse_jobs_coalesced_total", "normal", "background").await,
+        1.0
+    );
+    assert_eq!(
+        metric_where(
+            h,
+            "gearhouse_jobs_refused_total",
+            &[
+                ("function", "modes"),
+                ("reason", "queue_full"),
+                ("priority", "high"),
+                ("mode", "background")
+            ]
+        )
+        .await,
+        1.0
+    );
+    server.stop().await;
 }
