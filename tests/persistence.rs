@@ -880,3 +880,40 @@ async fn the_recover_command_moves_a_dead_nodes_queue_into_a_running_server() {
     assert_eq!(check_none_lost("recover command", &acked, &ran), 0);
     assert_eq!(ran.len(), 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memcached_that_can_evict_is_reported_loudly() {
+    let safe = Memcached::start(64, &["-M"]);
+    let evicting = Memcached::start(64, &[]);
+    let server = start_server("evict", &[&safe, &evicting], &[]);
+    let http = server.http_addr();
+    eventually("the eviction metric", Duration::from_secs(10), || async {
+        metric(
+            http,
+            "gearhouse_memcached_eviction_enabled",
+            &evicting.addr(),
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(http, "gearhouse_memcached_eviction_enabled", &safe.addr()).await,
+        0.0
+    );
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("without -M"))
+        .unwrap_or_else(|| panic!("no eviction warning in {log}"));
+    assert!(
+        line.contains("ERROR") && line.contains(&evicting.addr()),
+        "{line}"
+    );
+    let (_, s) = http_get(http, "/api/v1/status").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(
+        v["persistence"]["nodes"][1]["eviction_enabled"], true,
+        "{s}"
+    );
+}
