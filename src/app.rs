@@ -33,7 +33,9 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
     let tracer = crate::telemetry::start(&cfg, &metrics);
-    let observer = tracer.clone().map(|t| t as Arc<dyn crate::engine::JobObserver>);
+    let observer = tracer
+        .clone()
+        .map(|t| t as Arc<dyn crate::engine::JobObserver>);
     let persistence = crate::persist::Settings::from_config(&cfg)?
         .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
     let mirror = persistence.as_ref().map(|p| p.mirror());

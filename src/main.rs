@@ -147,7 +147,10 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
         sum.moved, a.from_node, t.server, sum.refused
     );
     if sum.refused > 0 {
-        anyhow::bail!("{} jobs were refused and stay in memcached: run the command again", sum.refused);
+        anyhow::bail!(
+            "{} jobs were refused and stay in memcached: run the command again",
+            sum.refused
+        );
     }
     Ok(())
 }

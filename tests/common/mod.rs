@@ -38,7 +38,12 @@ impl TestServer {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(gearhouse::app::run(cfg, gearman, http, shutdown.clone()));
         wait_ready(http_addr).await;
-        TestServer { addr, http: http_addr, shutdown, task }
+        TestServer {
+            addr,
+            http: http_addr,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn connect(&self) -> Conn {
@@ -60,7 +65,10 @@ pub async fn wait_ready(http: SocketAddr) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "server at {http} never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "server at {http} never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -73,8 +81,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -94,7 +109,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn args(&self) -> Vec<Bytes> {
-        self.body.split(|&b| b == 0).map(Bytes::copy_from_slice).collect()
+        self.body
+            .split(|&b| b == 0)
+            .map(Bytes::copy_from_slice)
+            .collect()
     }
     pub fn arg(&self, i: usize) -> String {
         String::from_utf8_lossy(&self.args()[i]).into_owned()
@@ -105,7 +123,11 @@ impl Conn {
     pub async fn connect(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
-        Conn { stream, buf: BytesMut::new(), codec: GearmanCodec::new(64 << 20, 1 << 20) }
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+            codec: GearmanCodec::new(64 << 20, 1 << 20),
+        }
     }
 
     pub async fn send(&mut self, kind: PacketType, args: &[&[u8]]) {
@@ -120,18 +142,27 @@ impl Conn {
 
     /// The next packet, or panics after 5 s.
     pub async fn recv(&mut self) -> Reply {
-        self.recv_timeout(Duration::from_secs(5)).await.expect("no packet within 5 s")
+        self.recv_timeout(Duration::from_secs(5))
+            .await
+            .expect("no packet within 5 s")
     }
 
     /// The next packet within `t`, or `None` (also `None` when the server closed).
     pub async fn recv_timeout(&mut self, t: Duration) -> Option<Reply> {
         let deadline = tokio::time::Instant::now() + t;
         loop {
-            if let Some(f) = self.codec.decode(&mut self.buf).expect("server sent a bad frame") {
+            if let Some(f) = self
+                .codec
+                .decode(&mut self.buf)
+                .expect("server sent a bad frame")
+            {
                 match f {
                     Frame::Packet(p) => {
                         assert_eq!(p.magic, Magic::Res, "server packets use \\0RES");
-                        return Some(Reply { kind: p.kind, body: p.body });
+                        return Some(Reply {
+                            kind: p.kind,
+                            body: p.body,
+                        });
                     }
                     Frame::Admin(l) => panic!("expected a packet, got text {l:?}"),
                 }
@@ -147,7 +178,13 @@ impl Conn {
     /// Expects a packet of `kind` and returns it.
     pub async fn expect(&mut self, kind: PacketType) -> Reply {
         let r = self.recv().await;
-        assert_eq!(r.kind, kind, "got {:?} {:?}", r.kind, String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.kind,
+            kind,
+            "got {:?} {:?}",
+            r.kind,
+            String::from_utf8_lossy(&r.body)
+        );
         r
     }
 
@@ -196,8 +233,15 @@ impl Conn {
     }
 
     /// Submits a job and returns its handle (expects JOB_CREATED).
-    pub async fn submit(&mut self, kind: PacketType, func: &str, unique: &str, data: &[u8]) -> String {
-        self.send(kind, &[func.as_bytes(), unique.as_bytes(), data]).await;
+    pub async fn submit(
+        &mut self,
+        kind: PacketType,
+        func: &str,
+        unique: &str,
+        data: &[u8],
+    ) -> String {
+        self.send(kind, &[func.as_bytes(), unique.as_bytes(), data])
+            .await;
         self.expect(PacketType::JOB_CREATED).await.arg(0)
     }
 }
@@ -209,7 +253,11 @@ pub fn binary() -> PathBuf {
 
 /// A free TCP port on loopback (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The real `gearhouse` binary as a child process; killed on drop.
@@ -246,7 +294,12 @@ impl BinServer {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn gearhouse");
-        let mut s = BinServer { child, port, http_port, log };
+        let mut s = BinServer {
+            child,
+            port,
+            http_port,
+            log,
+        };
         s.wait_ready(Duration::from_secs(60));
         s
     }
@@ -269,7 +322,11 @@ impl BinServer {
             if blocking_http_status(self.http_addr(), "/readyz") == Some(200) {
                 return;
             }
-            assert!(Instant::now() < deadline, "gearhouse not ready: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "gearhouse not ready: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -342,10 +399,15 @@ impl Memcached {
         if unsafe { libc::geteuid() } == 0 {
             cmd.args(["-u", "nobody"]);
         }
-        let child = cmd.spawn().expect("memcached must be installed (scripts/install-test-deps.sh)");
+        let child = cmd
+            .spawn()
+            .expect("memcached must be installed (scripts/install-test-deps.sh)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "memcached did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "memcached did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Memcached { child, port, args }
