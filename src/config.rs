@@ -52,6 +52,8 @@ pub struct ServerSection {
     pub max_client_id_len: usize,
     pub admin_networks: Vec<String>,
     pub shutdown_timeout_ms: u64,
+    /// Runtime threads serving connections; 0 = one per core.
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,6 +126,7 @@ impl Default for ServerSection {
             max_client_id_len: 256,
             admin_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             shutdown_timeout_ms: 10_000,
+            worker_threads: 0,
         }
     }
 }

@@ -166,9 +166,11 @@ fn main() -> anyhow::Result<()> {
             });
             let cfg = Config::load(file.as_deref(), &overrides(&args))?;
             gearhouse::telemetry::init_logging(&cfg.log);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if cfg.server.worker_threads > 0 {
+                rt.worker_threads(cfg.server.worker_threads);
+            }
+            let rt = rt.enable_all().build()?;
             rt.block_on(async move {
                 let gearman = TcpListener::bind(&cfg.server.listen)
                     .await
