@@ -20,7 +20,21 @@ fn start_server(node_id: &str, nodes: &[&Memcached], env: &[(&str, &str)]) -> Bi
     let list = memcached_list(nodes);
     let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
     e.extend_from_slice(env);
-    BinServer::start(&["--node-id", node_id, "--memcached", &list], &e)
+    start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
+}
+
+/// `BinServer::start`, tried again when the server exits at once: the harness picks free ports
+/// by binding and releasing them, so a parallel test can take one before the server binds it.
+fn start_retrying(args: &[&str], env: &[(&str, &str)]) -> BinServer {
+    for _ in 0..2 {
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| BinServer::start(args, env)));
+        if let Ok(s) = r {
+            return s;
+        }
+        eprintln!("server did not start (port taken?); trying again on other ports");
+    }
+    BinServer::start(args, env)
 }
 
 fn memcached_list(nodes: &[&Memcached]) -> String {
@@ -36,7 +50,7 @@ async fn start_server_async(
     tokio::task::spawn_blocking(move || {
         let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
         e.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
-        BinServer::start(&["--node-id", node_id, "--memcached", &list], &e)
+        start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
     })
     .await
     .unwrap()

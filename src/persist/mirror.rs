@@ -108,6 +108,9 @@ impl Window {
     }
 }
 
+/// A job write's outcome for the engine: `(seq, Ok | Err(reason))`.
+type Completion = (u64, Result<(), String>);
+
 /// Why a write was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriteKind {
@@ -191,8 +194,8 @@ pub(super) struct Inner {
     low: AtomicU64,
     high: AtomicU64,
     receivers: Mutex<Vec<(usize, usize, mpsc::Receiver<Op>)>>,
-    immediate_tx: mpsc::UnboundedSender<(u64, Result<(), String>)>,
-    immediate_rx: Mutex<Option<mpsc::UnboundedReceiver<(u64, Result<(), String>)>>>,
+    immediate_tx: mpsc::UnboundedSender<Completion>,
+    immediate_rx: Mutex<Option<mpsc::UnboundedReceiver<Completion>>>,
     repair_wake: Notify,
     started: AtomicBool,
     not_durable_logged: AtomicU64,
@@ -613,7 +616,7 @@ impl Inner {
     }
 
     /// A job write finished on every node it was sent to.
-    fn finish(&self, job: &JobWrite, completions: &mut Vec<(u64, Result<(), String>)>) {
+    fn finish(&self, job: &JobWrite, completions: &mut Vec<Completion>) {
         let error = job.error.lock().unwrap().take();
         let copies = job.copies.load(Ordering::SeqCst) as usize;
         match job.kind {
@@ -1022,7 +1025,7 @@ fn settle(
     node: usize,
     batch: &[Op],
     outcomes: &[Outcome],
-    completions: &mut Vec<(u64, Result<(), String>)>,
+    completions: &mut Vec<Completion>,
 ) {
     let now = Instant::now();
     let n = &inner.nodes[node];
@@ -1318,5 +1321,43 @@ async fn repairer(inner: Arc<Inner>, shutdown: CancellationToken) {
                 "rewriting job records to restore persistence.replicas copies"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_tracks_live_jobs_and_the_low_watermark() {
+        let mut w = Window::default();
+        for seq in 10..20 {
+            w.entry(seq).flags = LIVE;
+        }
+        assert_eq!(w.low(), 10);
+        // An older job rewritten later (a foreground job joined by a background submit).
+        w.entry(5).flags = LIVE;
+        assert_eq!(w.low(), 5);
+        w.get_mut(5).unwrap().flags = 0;
+        w.trim();
+        assert_eq!(w.low(), 10);
+        // Finishing out of order moves the watermark only past the oldest live job.
+        w.get_mut(12).unwrap().flags = 0;
+        w.trim();
+        assert_eq!(w.low(), 10);
+        for seq in [10, 11] {
+            w.get_mut(seq).unwrap().flags = 0;
+        }
+        w.trim();
+        assert_eq!(w.low(), 13);
+        assert!(w.get(12).is_none() && w.get(13).is_some());
+        for seq in 13..20 {
+            w.get_mut(seq).unwrap().flags = 0;
+        }
+        w.trim();
+        assert_eq!((w.low(), w.slots.len()), (20, 0));
+        // An empty window restarts at the next job.
+        w.entry(30).flags = LIVE;
+        assert_eq!(w.low(), 30);
     }
 }

@@ -193,6 +193,7 @@ impl Cluster {
     /// Reads `node_id`'s records with sequence numbers in `from..to`. First pass: each job from
     /// the `replicas` nodes the ring places it on; second pass: the jobs not found yet (moved
     /// to another node while one was down, or finished) from every other reachable node.
+    #[allow(clippy::too_many_arguments)]
     pub async fn read_range(
         &mut self,
         ring: &Ring,
