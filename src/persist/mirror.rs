@@ -1195,11 +1195,19 @@ async fn prober(inner: Arc<Inner>, health: Arc<Health>, shutdown: CancellationTo
 /// Restores missing copies and replays deletes for nodes that came back.
 async fn repairer(inner: Arc<Inner>, shutdown: CancellationToken) {
     const MAX_PER_ROUND: usize = 20_000;
+    // After a full round, the next one follows shortly (a node that came back empty may need
+    // a million copies); otherwise once per interval or when woken.
+    let mut more = false;
     loop {
+        let pause = if more {
+            Duration::from_millis(100)
+        } else {
+            inner.s.repair_interval
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = inner.repair_wake.notified() => {}
-            _ = tokio::time::sleep(inner.s.repair_interval) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         // A node down for less than one interval is given time to come back.
         let grace_mask: u16 = inner
@@ -1255,6 +1263,7 @@ async fn repairer(inner: Arc<Inner>, shutdown: CancellationToken) {
             }
             inner.metrics.replicas_below_target.set(below);
         }
+        more = todo.len() == MAX_PER_ROUND;
         if todo.is_empty() || up == 0 {
             continue;
         }
