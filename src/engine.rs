@@ -209,6 +209,36 @@ struct JobExtra {
 }
 
 impl Job {
+    /// A job in state Queued with no extra state; the unique id and data share one allocation.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        seq: u64,
+        func: u32,
+        priority: Priority,
+        background: bool,
+        attempts: u32,
+        unique: &[u8],
+        data: &[u8],
+        since_ns: u64,
+    ) -> Job {
+        let mut payload = Vec::with_capacity(unique.len() + data.len());
+        payload.extend_from_slice(unique);
+        payload.extend_from_slice(data);
+        Job {
+            seq,
+            func,
+            priority,
+            background,
+            persisted: false,
+            state: JobState::Queued,
+            attempts,
+            unique_len: unique.len() as u32,
+            payload: payload.into_boxed_slice(),
+            since_ns,
+            extra: None,
+        }
+    }
+
     fn unique(&self) -> &[u8] {
         &self.payload[..self.unique_len as usize]
     }
@@ -393,6 +423,15 @@ fn send(conn: &Conn, pkt: Bytes, droppable: bool, metrics: &Metrics) {
             conn.kill.cancel();
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Sends one packet to each of `ids` that is still connected.
+fn send_each(conns: &HashMap<ConnId, Conn>, ids: &[ConnId], pkt: &Bytes, metrics: &Metrics) {
+    for id in ids {
+        if let Some(c) = conns.get(id) {
+            send(c, pkt.clone(), false, metrics);
+        }
     }
 }
 
@@ -615,22 +654,16 @@ impl Engine {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let mut payload = Vec::with_capacity(s.unique.len() + s.data.len());
-        payload.extend_from_slice(&s.unique);
-        payload.extend_from_slice(&s.data);
-        let mut job = Job {
+        let mut job = Job::new(
             seq,
             func,
-            priority: s.priority,
-            background: s.background,
-            persisted: false,
-            state: JobState::Queued,
-            attempts: 0,
-            unique_len: s.unique.len() as u32,
-            payload: payload.into_boxed_slice(),
-            since_ns: self.now_ns(),
-            extra: None,
-        };
+            s.priority,
+            s.background,
+            0,
+            &s.unique,
+            &s.data,
+            self.now_ns(),
+        );
         if s.reducer.is_some() || s.epoch.is_some() || !s.background {
             let e = job.extra();
             e.reducer = s.reducer.clone();
@@ -886,11 +919,7 @@ impl Engine {
         match result {
             Ok(()) => {
                 let pkt = response(PacketType::JOB_CREATED, &[&self.handle_of(seq)]);
-                for a in acks {
-                    if let Some(c) = st.conns.get(&a) {
-                        send(c, pkt.clone(), false, &self.shared.metrics);
-                    }
-                }
+                send_each(&st.conns, &acks, &pkt, &self.shared.metrics);
                 if st.jobs[slot as usize].state == JobState::Persisting {
                     self.make_available(st, slot);
                 }
@@ -902,14 +931,12 @@ impl Engine {
                 let mut b = BytesMut::new();
                 put_error(&mut b, &err);
                 let pkt = b.freeze();
-                for a in &acks {
+                for _ in &acks {
                     self.shared
                         .metrics
                         .refused(&label, "not_durable", job.priority, true);
-                    if let Some(c) = st.conns.get(a) {
-                        send(c, pkt.clone(), false, &self.shared.metrics);
-                    }
                 }
+                send_each(&st.conns, &acks, &pkt, &self.shared.metrics);
                 if job.state == JobState::Persisting {
                     self.remove_job(st, slot, JobOutcome::Refused);
                 } else {
@@ -1225,11 +1252,7 @@ impl Engine {
             // still need their answer: the job they asked for was accepted and has ended.
             if !e.pending_acks.is_empty() {
                 let pkt = response(PacketType::JOB_CREATED, &[&self.handle_of(job.seq)]);
-                for a in &e.pending_acks {
-                    if let Some(c) = st.conns.get(a) {
-                        send(c, pkt.clone(), false, &self.shared.metrics);
-                    }
-                }
+                send_each(&st.conns, &e.pending_acks, &pkt, &self.shared.metrics);
             }
         }
         if job.persisted {
@@ -1259,11 +1282,7 @@ impl Engine {
                 "dropping job after {} attempts ({why}; engine.job_retries)", job.attempts);
             f.metrics.failed.inc(job.priority, job.background);
             let pkt = response(PacketType::WORK_FAIL, &[&self.handle_of(seq)]);
-            for w in job.waiters() {
-                if let Some(c) = st.conns.get(w) {
-                    send(c, pkt.clone(), false, &self.shared.metrics);
-                }
-            }
+            send_each(&st.conns, job.waiters(), &pkt, &self.shared.metrics);
             // Still marked Running (its running count already released): remove_job leaves the
             // queue counters alone.
             self.remove_job(st, slot, JobOutcome::Dropped);
@@ -1438,22 +1457,17 @@ impl Engine {
                 }
                 continue;
             }
-            let mut payload = Vec::with_capacity(r.unique.len() + r.data.len());
-            payload.extend_from_slice(&r.unique);
-            payload.extend_from_slice(&r.data);
-            let mut job = Job {
-                seq: r.seq,
+            let mut job = Job::new(
+                r.seq,
                 func,
-                priority: r.priority,
-                background: true,
-                persisted: true,
-                state: JobState::Queued,
-                attempts: r.attempts,
-                unique_len: r.unique.len() as u32,
-                payload: payload.into_boxed_slice(),
-                since_ns: self.now_ns(),
-                extra: None,
-            };
+                r.priority,
+                true,
+                r.attempts,
+                &r.unique,
+                &r.data,
+                self.now_ns(),
+            );
+            job.persisted = true;
             if r.epoch.is_some() || r.reducer.is_some() {
                 let e = job.extra();
                 e.epoch = r.epoch;
@@ -1629,11 +1643,7 @@ impl Engine {
             ));
         }
         let pkt = response(PacketType::WORK_FAIL, &[handle]);
-        for w in job.waiters() {
-            if let Some(c) = st.conns.get(w) {
-                send(c, pkt.clone(), false, &self.shared.metrics);
-            }
-        }
+        send_each(&st.conns, job.waiters(), &pkt, &self.shared.metrics);
         self.remove_job(st, slot, JobOutcome::Cancelled);
         Ok(())
     }

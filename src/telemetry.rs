@@ -1096,33 +1096,31 @@ impl ExportLoop {
         let func: &str = t.function.as_str();
         let handle = format!("{}{}", self.handle_prefix, seq);
         let handle = handle.as_str();
-        let mut name = String::with_capacity(func.len() + 8);
-        let mut named = |prefix: &str| {
-            name.clear();
-            name.push_str(prefix);
-            name.push_str(func);
-            name.clone()
-        };
+        let named = |prefix: &str| format!("{prefix}{func}");
         let common = [
             ("messaging.system", Str("gearman")),
             ("messaging.destination.name", Str(func)),
             ("gearman.handle", Str(handle)),
         ];
 
-        if let Some((start, end)) = t.persisted {
-            let n = named("persist ");
-            let attrs = common;
-            self.batch.push(&otlp::SpanRec {
+        // Every child span hangs off the root and differs only in these fields.
+        let (batch, ids) = (&mut self.batch, &mut self.ids);
+        let mut child = |name: &str, start, end, attrs: &[(&str, otlp::Val<'_>)], status| {
+            batch.push(&otlp::SpanRec {
                 trace_id: tid,
-                span_id: self.ids.span_id(),
+                span_id: ids.span_id(),
                 parent: root_id,
-                name: &n,
+                name,
                 kind: otlp::KIND_INTERNAL,
                 start,
                 end,
-                attrs: &attrs,
-                status: (otlp::STATUS_UNSET, ""),
+                attrs,
+                status,
             });
+        };
+        if let Some((start, end)) = t.persisted {
+            let n = named("persist ");
+            child(&n, start, end, &common, (otlp::STATUS_UNSET, ""));
         }
         let last_attempt = t.attempts();
         let mut attempt_no = 0;
@@ -1130,18 +1128,7 @@ impl ExportLoop {
             match seg {
                 Segment::Queue { start, end } => {
                     let n = named("queue ");
-                    let attrs = common;
-                    self.batch.push(&otlp::SpanRec {
-                        trace_id: tid,
-                        span_id: self.ids.span_id(),
-                        parent: root_id,
-                        name: &n,
-                        kind: otlp::KIND_INTERNAL,
-                        start: *start,
-                        end: *end,
-                        attrs: &attrs,
-                        status: (otlp::STATUS_UNSET, ""),
-                    });
+                    child(&n, *start, *end, &common, (otlp::STATUS_UNSET, ""));
                 }
                 Segment::Attempt {
                     n: number,
@@ -1180,17 +1167,7 @@ impl ExportLoop {
                         }
                         None => attrs.len() - 1,
                     };
-                    self.batch.push(&otlp::SpanRec {
-                        trace_id: tid,
-                        span_id: self.ids.span_id(),
-                        parent: root_id,
-                        name: &n,
-                        kind: otlp::KIND_INTERNAL,
-                        start: *start,
-                        end: *end,
-                        attrs: &attrs[..used],
-                        status,
-                    });
+                    child(&n, *start, *end, &attrs[..used], status);
                 }
             }
         }
