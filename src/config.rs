@@ -76,7 +76,29 @@ pub struct HttpSection {
 #[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     pub level: String,
-    pub format: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
+}
+
+/// What to do with a background job that cannot be made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The client gets `ERROR QUEUE_ERROR`: the job was not accepted.
+    #[default]
+    Refuse,
+    /// Keep the job in memory only, counted and logged.
+    AcceptInMemory,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,7 +115,7 @@ pub struct PersistenceSection {
     pub namespace: String,
     /// 0 = automatic (2 with two or more nodes, else 1).
     pub replicas: usize,
-    pub on_failure: String,
+    pub on_failure: OnFailure,
     pub write_timeout_ms: u64,
     pub connections_per_node: usize,
     pub max_batch: usize,
@@ -156,7 +178,7 @@ impl Default for LogSection {
     fn default() -> Self {
         LogSection {
             level: "info".into(),
-            format: "text".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -175,7 +197,7 @@ impl Default for PersistenceSection {
             memcached: Vec::new(),
             namespace: "gearhouse".into(),
             replicas: 0,
-            on_failure: "refuse".into(),
+            on_failure: OnFailure::Refuse,
             write_timeout_ms: 2_000,
             connections_per_node: 1,
             max_batch: 512,
@@ -284,17 +306,8 @@ impl Config {
                 });
             }
         }
-        if !["refuse", "accept_in_memory"].contains(&self.persistence.on_failure.as_str()) {
-            return bad(
-                "persistence.on_failure",
-                "must be \"refuse\" or \"accept_in_memory\"",
-            );
-        }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");
-        }
-        if !["text", "json"].contains(&self.log.format.as_str()) {
-            return bad("log.format", "must be \"text\" or \"json\"");
         }
         Ok(())
     }

@@ -887,7 +887,7 @@ impl Engine {
     }
 
     /// Called by the mirror when a write completed (`Ok`) or failed for good (`Err(reason)`).
-    pub fn persisted(&self, seq: u64, result: Result<(), String>) {
+    pub fn persisted(&self, seq: u64, result: Result<(), MirrorRefused>) {
         let mut st = self.lock();
         let st = &mut *st;
         let Some(slot) = st.by_seq.get(seq) else {
@@ -927,7 +927,7 @@ impl Engine {
             Err(why) => {
                 let job = &st.jobs[slot as usize];
                 let label = st.functions[job.func as usize].metrics.label.clone();
-                let err = ProtocolError::new("QUEUE_ERROR", why);
+                let err = ProtocolError::new("QUEUE_ERROR", why.0);
                 let mut b = BytesMut::new();
                 put_error(&mut b, &err);
                 let pkt = b.freeze();

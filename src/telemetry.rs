@@ -67,7 +67,7 @@ pub fn init_logging(cfg: &LogSection) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if cfg.format == "json" {
+    if cfg.format == crate::config::LogFormat::Json {
         b.json().flatten_event(true).init();
     } else {
         b.init();

@@ -356,7 +356,7 @@ impl MemcachedMirror {
                 while let Some((seq, r)) = rx.recv().await {
                     inner.pending.fetch_sub(1, Ordering::SeqCst);
                     if let Some(e) = inner.engine() {
-                        e.persisted(seq, r);
+                        e.persisted(seq, r.map_err(MirrorRefused));
                     }
                 }
             });
@@ -1011,7 +1011,7 @@ async fn writer(inner: Arc<Inner>, node: usize, conn_idx: usize, mut rx: mpsc::R
         if !completions.is_empty() {
             if let Some(e) = inner.engine() {
                 for (seq, r) in completions.drain(..) {
-                    e.persisted(seq, r);
+                    e.persisted(seq, r.map_err(MirrorRefused));
                 }
             }
             completions.clear();

@@ -135,7 +135,7 @@ impl Settings {
             namespace: p.namespace.clone(),
             node_id,
             replicas,
-            accept_in_memory: p.on_failure == "accept_in_memory",
+            accept_in_memory: p.on_failure == crate::config::OnFailure::AcceptInMemory,
             write_timeout: Duration::from_millis(p.write_timeout_ms.max(1)),
             connections_per_node: p.connections_per_node,
             max_batch: p.max_batch.max(1),
