@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
-use crate::server;
+use crate::server::{self, Shutdown};
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -22,14 +22,28 @@ pub enum AppError {
     Persist(#[from] crate::persist::PersistError),
 }
 
-/// Runs the server until `shutdown` is cancelled: recovery (when persistence is on), then the
-/// HTTP listener and the Gearman listener. Returns once connections are closed.
+/// Runs the server until `shutdown` is cancelled, which starts a graceful stop (see
+/// [`run_with`]). Returns once connections are closed.
 pub async fn run(
     cfg: Config,
     gearman: TcpListener,
     http_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    let stop = Shutdown::on(shutdown);
+    run_with(cfg, gearman, http_listener, stop).await
+}
+
+/// Runs the server until `stop` drains: recovery (when persistence is on), then the HTTP
+/// listener and the Gearman listener; on a drain, running jobs finish (up to
+/// `server.shutdown_timeout_ms`) before connections close; `stop.now` skips the wait.
+pub async fn run_with(
+    cfg: Config,
+    gearman: TcpListener,
+    http_listener: TcpListener,
+    stop: Shutdown,
+) -> Result<(), AppError> {
+    let shutdown = stop.drain.clone();
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
     let tracer = crate::telemetry::start(&cfg, &metrics);
@@ -53,7 +67,8 @@ pub async fn run(
         http_listener,
         engine.clone(),
         health.clone(),
-        shutdown.clone(),
+        // Metrics and health stay up while a graceful stop drains.
+        stop.now.clone(),
     ));
     if let Some(p) = &persistence {
         // Recovery completes before the Gearman listener accepts anyone.
@@ -62,6 +77,7 @@ pub async fn run(
             _ = shutdown.cancelled() => Err(crate::persist::PersistError::Shutdown),
         };
         if let Err(e) = started {
+            stop.now();
             p.stop(Duration::ZERO).await;
             let _ = http_task.await;
             return match e {
@@ -77,7 +93,24 @@ pub async fn run(
     }
     health.set_ready(true);
     let server_cfg = Arc::new(cfg.server_config());
-    server::run(gearman, engine, server_cfg, shutdown.clone()).await?;
+    let not_ready = {
+        let (health, drain) = (health.clone(), stop.drain.clone());
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            health.set_ready(false);
+        })
+    };
+    server::run(gearman, engine.clone(), server_cfg, stop).await?;
+    not_ready.abort();
+    if persistence.is_none() {
+        let queued = engine.totals().jobs;
+        if queued > 0 {
+            tracing::warn!(
+                jobs = queued,
+                "exiting with {queued} jobs in the in-memory queue: they are lost (set persistence.memcached to keep them)"
+            );
+        }
+    }
     let grace = Duration::from_millis(cfg.server.shutdown_timeout_ms);
     if let Some(p) = &persistence {
         p.stop(grace).await;

@@ -26,8 +26,8 @@ pub enum ConfigError {
 }
 
 /// The whole configuration, section by section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerSection,
     pub engine: EngineSection,
@@ -38,8 +38,8 @@ pub struct Config {
     pub tracing: TracingSection,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerSection {
     pub listen: String,
     pub max_packet_size: usize,
@@ -56,8 +56,8 @@ pub struct ServerSection {
     pub worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct EngineSection {
     pub node_id: String,
     pub job_retries: u32,
@@ -66,49 +66,47 @@ pub struct EngineSection {
     pub max_functions: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSection {
     pub level: String,
     pub format: LogFormat,
 }
 
 /// How log lines are written on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line, fields at the top level.
     Json,
 }
 
 /// What to do with a background job that cannot be made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// The client gets `ERROR QUEUE_ERROR`: the job was not accepted.
-    #[default]
     Refuse,
     /// Keep the job in memory only, counted and logged.
     AcceptInMemory,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsSection {
     pub max_function_labels: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct PersistenceSection {
     /// memcached nodes, `host:port`; empty = in-memory queue only.
     pub memcached: Vec<String>,
@@ -124,8 +122,8 @@ pub struct PersistenceSection {
     pub repair_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TracingSection {
     pub otlp_endpoint: String,
     pub service_name: String,
@@ -134,105 +132,40 @@ pub struct TracingSection {
     pub max_jobs_in_flight: usize,
 }
 
-impl Default for ServerSection {
-    fn default() -> Self {
-        ServerSection {
-            listen: "0.0.0.0:4730".into(),
-            max_packet_size: 16 << 20,
-            max_admin_line: 4096,
-            max_connections: 10_000,
-            outbound_queue: 4096,
-            frame_timeout_ms: 60_000,
-            max_function_len: 512,
-            max_unique_len: 1024,
-            max_client_id_len: 256,
-            admin_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
-            shutdown_timeout_ms: 10_000,
-            worker_threads: 0,
-        }
-    }
-}
-
-impl Default for EngineSection {
-    fn default() -> Self {
-        let d = EngineConfig::default();
-        EngineSection {
-            node_id: String::new(),
-            job_retries: d.job_retries,
-            worker_wakeup: d.worker_wakeup,
-            max_queue_per_function: d.max_queue_per_function,
-            max_functions: d.max_functions,
-        }
-    }
-}
-
-impl Default for HttpSection {
-    fn default() -> Self {
-        HttpSection {
-            listen: "127.0.0.1:4731".into(),
-        }
-    }
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-impl Default for MetricsSection {
-    fn default() -> Self {
-        MetricsSection {
-            max_function_labels: 500,
-        }
-    }
-}
-
-impl Default for PersistenceSection {
-    fn default() -> Self {
-        PersistenceSection {
-            memcached: Vec::new(),
-            namespace: "gearhouse".into(),
-            replicas: 0,
-            on_failure: OnFailure::Refuse,
-            write_timeout_ms: 2_000,
-            connections_per_node: 1,
-            max_batch: 512,
-            max_pending_writes: 100_000,
-            recover_from_node: String::new(),
-            repair_interval_ms: 5_000,
-        }
-    }
-}
-
-impl Default for TracingSection {
-    fn default() -> Self {
-        TracingSection {
-            otlp_endpoint: String::new(),
-            service_name: "gearhouse".into(),
-            sample_ratio: 1.0,
-            max_queue: 65_536,
-            max_jobs_in_flight: 100_000,
-        }
-    }
-}
+/// The shipped configuration file, `config/default.toml`: the one place every default is
+/// written (and documented). It is the first layer of every load, and since no section has
+/// `#[serde(default)]`, a key missing from it is an error at start-up and in the tests, not a
+/// silent zero.
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
 
 impl Default for Config {
+    /// The built-in defaults: `config/default.toml` alone.
     fn default() -> Self {
-        Config {
-            server: Default::default(),
-            engine: Default::default(),
-            http: Default::default(),
-            log: Default::default(),
-            metrics: Default::default(),
-            persistence: Default::default(),
-            tracing: Default::default(),
-        }
+        Config::load_with_env(None, &[], std::iter::empty())
+            .expect("config/default.toml holds every key (tested)")
     }
 }
+
+/// Each section's `Default` is its part of [`Config::default`] (so of `config/default.toml`).
+macro_rules! section_defaults {
+    ($($section:ident: $ty:ty),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                Config::default().$section
+            }
+        }
+    )*};
+}
+
+section_defaults!(
+    server: ServerSection,
+    engine: EngineSection,
+    http: HttpSection,
+    log: LogSection,
+    metrics: MetricsSection,
+    persistence: PersistenceSection,
+    tracing: TracingSection
+);
 
 /// Keys that hold lists, so an environment value is split on commas.
 const LIST_KEYS: &[&str] = &["server.admin_networks", "persistence.memcached"];
@@ -250,7 +183,18 @@ impl Config {
         overrides: &[(&str, String)],
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut b = config::Config::builder();
+        Self::load_layers(DEFAULTS_TOML, file, overrides, env)
+    }
+
+    /// The layers, bottom up: `defaults` (TOML text), `file`, `env`, `overrides`.
+    fn load_layers(
+        defaults: &str,
+        file: Option<&Path>,
+        overrides: &[(&str, String)],
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder()
+            .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
         if let Some(f) = file {
             b = b.add_source(config::File::from(f).required(true));
         }
@@ -410,14 +354,60 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_default_file_loads_and_matches_the_defaults() {
-        let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-        let c = Config::load_with_env(Some(&f), &[], env(&[])).unwrap();
+    fn every_default_lives_in_the_shipped_file() {
+        // The shipped file alone is a whole configuration...
         let d = Config::default();
-        assert_eq!(c.server.listen, d.server.listen);
-        assert_eq!(c.server.max_packet_size, d.server.max_packet_size);
-        assert_eq!(c.http.listen, d.http.listen);
-        assert_eq!(c.engine.worker_wakeup, d.engine.worker_wakeup);
-        assert_eq!(c.persistence.memcached, d.persistence.memcached);
+        assert_eq!(d.server.max_packet_size, 16 << 20);
+        assert_eq!(d.persistence.on_failure, OnFailure::Refuse);
+        assert_eq!(d.log.format, LogFormat::Text);
+        // ...and no key has a second, hidden default in the code: without any one of its
+        // `key = value` lines, loading fails and names that key.
+        let mut checked = 0;
+        for (i, line) in DEFAULTS_TOML.lines().enumerate() {
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            if line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            let without: Vec<&str> = DEFAULTS_TOML
+                .lines()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, l)| l)
+                .collect();
+            let e = Config::load_layers(&without.join("\n"), None, &[], env(&[]))
+                .expect_err(key)
+                .to_string();
+            assert!(e.contains(key.trim()), "{key}: {e}");
+            checked += 1;
+        }
+        let fields = serde_json::to_value(&d).unwrap();
+        let count: usize = fields
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s.as_object().unwrap().len())
+            .sum();
+        assert_eq!(checked, count, "every field has exactly one line in the file");
+    }
+
+    #[test]
+    fn enums_parse_from_their_documented_names() {
+        let c = Config::load_with_env(
+            None,
+            &[],
+            env(&[
+                ("GEARHOUSE_PERSISTENCE__ON_FAILURE", "accept_in_memory"),
+                ("GEARHOUSE_LOG__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.persistence.on_failure, OnFailure::AcceptInMemory);
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::load_with_env(None, &[], env(&[("GEARHOUSE_LOG__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xml") && e.contains("log.format"), "{e}");
     }
 }

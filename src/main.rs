@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use gearhouse::config::Config;
+use gearhouse::server::Shutdown;
 
 #[derive(Parser)]
 #[command(
@@ -95,22 +95,48 @@ fn overrides(a: &ServeArgs) -> Vec<(&'static str, String)> {
     o
 }
 
-async fn shutdown_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        let mut s = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        s.recv().await;
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+/// The first SIGTERM or Ctrl-C starts a graceful stop (running jobs finish, up to
+/// `server.shutdown_timeout_ms`); a second one stops at once.
+async fn shutdown_signal(stop: Shutdown) {
+    let mut signals = Signals::new();
     tokio::select! {
-        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        _ = term => tracing::info!("SIGTERM: shutting down"),
-        _ = token.cancelled() => {}
+        s = signals.next() => tracing::info!("{s}: shutting down gracefully (send it again to stop at once)"),
+        _ = stop.drain.cancelled() => {}
     }
-    token.cancel();
+    stop.drain();
+    tokio::select! {
+        s = signals.next() => tracing::warn!("{s} again: stopping at once"),
+        _ = stop.now.cancelled() => {}
+    }
+    stop.now();
+}
+
+/// SIGTERM and Ctrl-C, as one stream.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler"),
+        }
+    }
+
+    /// The name of the next signal received.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        let term = self.term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = term => "SIGTERM",
+        }
+    }
 }
 
 fn recover(a: RecoverArgs) -> anyhow::Result<()> {
@@ -186,9 +212,9 @@ fn main() -> anyhow::Result<()> {
                         cfg.http.listen
                     )
                 })?;
-                let token = CancellationToken::new();
-                tokio::spawn(shutdown_signal(token.clone()));
-                gearhouse::app::run(cfg, gearman, http, token).await?;
+                let stop = Shutdown::default();
+                tokio::spawn(shutdown_signal(stop.clone()));
+                gearhouse::app::run_with(cfg, gearman, http, stop).await?;
                 tracing::info!("stopped");
                 anyhow::Ok(())
             })

@@ -4,17 +4,18 @@
 //! syscall carries many packets.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use ipnet::IpNet;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::admin::{self, AfterAdmin};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
@@ -37,24 +38,53 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            max_packet_size: 16 << 20,
-            max_admin_line: 4096,
-            max_connections: 10_000,
-            outbound_queue: 4096,
-            frame_timeout: Duration::from_secs(60),
-            limits: ArgLimits {
-                max_function: 512,
-                max_unique: 1024,
-                max_client_id: 256,
-            },
-            admin_networks: vec![
-                "127.0.0.0/8".parse().expect("net"),
-                "::1/128".parse().expect("net"),
-            ],
-            shutdown_timeout: Duration::from_secs(10),
+/// The two stages of stopping, shared by the accept loop, every connection and the admin
+/// `shutdown` command.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Graceful (SIGTERM, Ctrl-C, `shutdown graceful`): stop accepting connections and jobs,
+    /// hand out no more work, and let running jobs finish and their results reach their
+    /// clients, up to `server.shutdown_timeout_ms`.
+    pub drain: CancellationToken,
+    /// Immediate (a second signal, `shutdown`, or the drain's deadline): close every
+    /// connection once it has written what it already owes its peer.
+    pub now: CancellationToken,
+    /// When the whole stop must be over: set once, when the drain begins.
+    deadline: Arc<OnceLock<tokio::time::Instant>>,
+}
+
+impl Shutdown {
+    /// A stop that begins gracefully when `drain` is cancelled.
+    pub fn on(drain: CancellationToken) -> Shutdown {
+        Shutdown {
+            drain,
+            ..Default::default()
+        }
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Stops at once (after a drain, or instead of one).
+    pub fn now(&self) {
+        self.drain.cancel();
+        self.now.cancel();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// How long a closing connection may still spend writing what it owes: until the stop's
+    /// deadline (at least a moment, so results that just arrived go out), or `timeout` when
+    /// the server is not stopping.
+    fn flush_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        match self.deadline.get() {
+            Some(d) => (*d).max(now + Duration::from_millis(100)),
+            None => now + timeout,
         }
     }
 }
@@ -63,20 +93,24 @@ impl Default for ServerConfig {
 /// own replies.
 const FRAMES_PER_FLUSH: usize = 256;
 
-/// Serves Gearman on an already-bound listener until `shutdown` is cancelled, then stops
-/// accepting, closes connections after their pending writes, and returns.
+/// Serves Gearman on an already-bound listener until `shutdown` drains: then stops accepting
+/// (the listener is closed, so clients move on to their next server), waits for running jobs
+/// to finish, up to `cfg.shutdown_timeout`, closes connections after their pending writes, and
+/// returns.
 pub async fn run(
     listener: TcpListener,
     engine: Engine,
     cfg: Arc<ServerConfig>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
-    tracker.spawn(engine.clone().run_timers(shutdown.clone()));
+    tracker.spawn(engine.clone().run_timers(shutdown.now.clone()));
     let metrics = engine.metrics().clone();
+    // Open connections: one permit each (server.max_connections).
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.drain.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -88,22 +122,63 @@ pub async fn run(
             },
         };
         metrics.connections_total.inc();
-        if metrics.connections.get() as usize >= cfg.max_connections {
+        // The permit lives as long as the connection's task: taken here, before any task runs,
+        // so a burst of connects accepted in one go cannot overshoot the cap.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics.connections_refused.inc();
             tracing::warn!(%peer, max = cfg.max_connections, "refusing connection: server.max_connections reached");
             drop(stream);
             continue;
-        }
-        // Counted here, not in the spawned task: a burst of connects is accepted in one go
-        // before any task runs, and would all pass the check above.
+        };
         metrics.connections.inc();
         let _ = stream.set_nodelay(true);
         let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
-        tracker.spawn(conn.serve(shutdown.clone()));
+        let serve = conn.serve();
+        tracker.spawn(async move {
+            serve.await;
+            drop(permit);
+        });
     }
+    drop(listener);
+    let span = tracing::info_span!("gearhouse.shutdown", graceful = !shutdown.now.is_cancelled());
+    drain(&engine, &shutdown, cfg.shutdown_timeout)
+        .instrument(span)
+        .await;
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Waits until no job is running or `timeout` has passed (or an immediate stop), then stops
+/// every connection.
+async fn drain(engine: &Engine, shutdown: &Shutdown, timeout: Duration) {
+    let deadline = *shutdown
+        .deadline
+        .get_or_init(|| tokio::time::Instant::now() + timeout);
+    let running = || -> u32 { engine.function_stats().iter().map(|f| f.running).sum() };
+    let at_start = running();
+    if at_start > 0 && !shutdown.now.is_cancelled() {
+        tracing::info!(
+            running = at_start,
+            timeout_ms = timeout.as_millis() as u64,
+            "draining: waiting for running jobs to finish (server.shutdown_timeout_ms)"
+        );
+    }
+    loop {
+        let left = running();
+        if left == 0 || shutdown.now.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.now.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(running = left, "shutdown deadline reached with jobs still running: they run again after a restart (durable) or are lost (in memory)");
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    shutdown.now();
 }
 
 struct Connection {
@@ -114,7 +189,7 @@ struct Connection {
     framed: Framed<TcpStream, GearmanCodec>,
     rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
-    server_shutdown: CancellationToken,
+    shutdown: Shutdown,
     is_admin: bool,
 }
 
@@ -133,9 +208,9 @@ impl Connection {
         peer: SocketAddr,
         engine: Engine,
         cfg: Arc<ServerConfig>,
-        server_shutdown: CancellationToken,
+        shutdown: Shutdown,
     ) -> Self {
-        let kill = server_shutdown.child_token();
+        let kill = shutdown.now.child_token();
         let (tx, rx) = mpsc::channel(cfg.outbound_queue.max(1));
         let id = engine.connect(peer, tx, kill.clone());
         let codec = GearmanCodec::new(cfg.max_packet_size, cfg.max_admin_line);
@@ -148,14 +223,15 @@ impl Connection {
             framed: Framed::with_capacity(stream, codec, 16 * 1024),
             rx,
             kill,
-            server_shutdown,
+            shutdown,
             is_admin,
         }
     }
 
-    async fn serve(mut self, shutdown: CancellationToken) {
+    async fn serve(mut self) {
         let metrics = self.engine.metrics().clone();
         tracing::debug!(conn = self.id, peer = %self.peer, "connected");
+        let shutdown = self.shutdown.now.clone();
         let why = self.run(&shutdown).await;
         match &why {
             Close::Framing(e) => {
@@ -187,7 +263,8 @@ impl Connection {
         // Whatever is already buffered for the peer still goes out, unless the peer was closed
         // for not reading.
         if !matches!(why, Close::Killed) {
-            let _ = tokio::time::timeout(self.cfg.shutdown_timeout, self.framed.flush()).await;
+            let until = self.shutdown.flush_deadline(self.cfg.shutdown_timeout);
+            let _ = tokio::time::timeout_at(until, self.framed.flush()).await;
         }
         self.engine.disconnect(self.id);
         metrics.connections.dec();
@@ -309,8 +386,10 @@ impl Connection {
                     .admin_commands
                     .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
                     .inc();
-                if let AfterAdmin::Shutdown { .. } = after {
-                    self.server_shutdown.cancel();
+                match after {
+                    AfterAdmin::Shutdown { graceful: true } => self.shutdown.drain(),
+                    AfterAdmin::Shutdown { graceful: false } => self.shutdown.now(),
+                    AfterAdmin::Continue => {}
                 }
                 None
             }
@@ -342,7 +421,11 @@ impl Connection {
     fn dispatch(&mut self, req: Request) {
         let id = self.id;
         let engine = &self.engine;
+        let draining = self.shutdown.is_draining();
         let out = self.framed.write_buffer_mut();
+        if draining && refuse_while_draining(&req, out) {
+            return;
+        }
         match req {
             Request::CanDo {
                 function,
@@ -370,6 +453,31 @@ impl Connection {
             },
             Request::AllYours => {}
         }
+    }
+}
+
+/// While a graceful shutdown drains, new jobs are refused (the client can submit to another
+/// server) and workers are handed no more work; results, status and the rest go on. Returns
+/// whether `req` was answered here.
+fn refuse_while_draining(req: &Request, out: &mut BytesMut) -> bool {
+    match req {
+        Request::Submit(_) => {
+            put_error(
+                out,
+                &ProtocolError::new(
+                    "QUEUE_ERROR",
+                    "server is shutting down: submit the job to another server",
+                ),
+            );
+            true
+        }
+        Request::Grab(_) => {
+            put_response(out, PacketType::NO_JOB, &[]);
+            true
+        }
+        // A sleeping worker stays asleep: a NOOP would only bring it back for NO_JOB.
+        Request::PreSleep => true,
+        _ => false,
     }
 }
 
