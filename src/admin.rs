@@ -1,13 +1,15 @@
 //! The admin text protocol on the Gearman port, with gearmand 1.1.20's exact output formats so
 //! `gearadmin` and existing monitoring scripts parse it. Commands that change state are accepted
-//! only from `server.admin_networks`.
+//! only from `server.admin_networks`, and each runs inside a `gearhouse.admin` span (command and
+//! peer) with one info line saying what changed, so who changed what is on record.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
 
 use crate::engine::Engine;
+use crate::protocol::ErrorCode;
 
 /// What the connection should do after answering an admin command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,10 +21,14 @@ pub enum AfterAdmin {
     },
 }
 
+/// What one admin line did: its command name (for metrics), whether it succeeded, and what the
+/// connection does next.
+type Executed = (&'static str, bool, AfterAdmin);
+
 /// gearmand's error style: `ERR CODE text+with+plus+for+spaces`.
-fn err(out: &mut BytesMut, code: &str, text: &str) {
+fn err(out: &mut BytesMut, code: ErrorCode, text: &str) {
     out.put_slice(b"ERR ");
-    out.put_slice(code.as_bytes());
+    out.put_slice(code.as_str().as_bytes());
     out.put_u8(b' ');
     out.put_slice(text.replace(' ', "+").as_bytes());
     out.put_slice(b"\r\n");
@@ -40,14 +46,46 @@ pub fn is_admin(ip: IpAddr, networks: &[IpNet]) -> bool {
     networks.iter().any(|n| n.contains(&ip))
 }
 
-/// Runs one admin line and appends its answer to `out`. Returns the command name (for metrics),
-/// whether it succeeded, and what to do next.
+/// Where an admin line came from.
+#[derive(Debug, Clone, Copy)]
+struct Sender {
+    peer: SocketAddr,
+    /// In `server.admin_networks`: may run commands that change state.
+    is_admin: bool,
+}
+
+impl Sender {
+    /// Refuses a state-changing command from outside the admin networks; true when refused.
+    fn refuses(&self, name: &str, out: &mut BytesMut) -> bool {
+        if !self.is_admin {
+            err(
+                out,
+                ErrorCode::PermissionDenied,
+                &format!("{name} is accepted only from server.admin_networks"),
+            );
+        }
+        !self.is_admin
+    }
+
+    /// The span a state-changing command runs in (exported as a `gearhouse.admin` trace).
+    fn span(&self, command: &'static str) -> tracing::Span {
+        tracing::info_span!("gearhouse.admin", command, peer = %self.peer)
+    }
+}
+
+/// Runs one admin line from `peer` and appends its answer to `out`. Returns the command name
+/// (for metrics), whether it succeeded, and what to do next.
 pub fn execute(
     engine: &Engine,
     line: &Bytes,
+    peer: SocketAddr,
     from_admin_network: bool,
     out: &mut BytesMut,
-) -> (&'static str, bool, AfterAdmin) {
+) -> Executed {
+    let from = Sender {
+        peer,
+        is_admin: from_admin_network,
+    };
     let text = String::from_utf8_lossy(line);
     let words: Vec<&str> = text.split_ascii_whitespace().collect();
     let lower: Vec<String> = words
@@ -57,16 +95,6 @@ pub fn execute(
         .collect();
     let cmd = lower.first().map(String::as_str).unwrap_or("");
     let sub = lower.get(1).map(String::as_str).unwrap_or("");
-    let restricted = |name: &'static str, out: &mut BytesMut| -> bool {
-        if !from_admin_network {
-            err(
-                out,
-                "PERMISSION_DENIED",
-                &format!("{name} is accepted only from server.admin_networks"),
-            );
-        }
-        !from_admin_network
-    };
     match (cmd, sub) {
         ("status", _) => {
             for f in engine.function_stats() {
@@ -124,85 +152,12 @@ pub fn execute(
             out.put_slice(b".\n");
             ("show unique jobs", true, AfterAdmin::Continue)
         }
-        ("maxqueue", _) => {
-            if restricted("maxqueue", out) {
-                return ("maxqueue", false, AfterAdmin::Continue);
-            }
-            let Some(func) = words.get(1) else {
-                err(
-                    out,
-                    "INVALID_ARGUMENTS",
-                    "An incomplete set of arguments was sent to this command maxqueue",
-                );
-                return ("maxqueue", false, AfterAdmin::Continue);
-            };
-            let nums: Result<Vec<u32>, _> = words[2..]
-                .iter()
-                .map(|w| w.parse::<i64>())
-                .map(|r| r.map(|v| v.clamp(0, u32::MAX as i64) as u32))
-                .collect();
-            let limits = match nums.as_deref() {
-                Ok([]) => [0, 0, 0],
-                Ok([n]) => [*n; 3],
-                Ok([h, n, l]) => [*h, *n, *l],
-                _ => {
-                    err(
-                        out,
-                        "INVALID_ARGUMENTS",
-                        "maxqueue FUNCTION [N | HIGH NORMAL LOW]",
-                    );
-                    return ("maxqueue", false, AfterAdmin::Continue);
-                }
-            };
-            match engine.set_max_queue(&Bytes::copy_from_slice(func.as_bytes()), limits) {
-                Ok(()) => out.put_slice(b"OK\r\n"),
-                Err(e) => err(out, e.code, &e.text),
-            }
-            ("maxqueue", true, AfterAdmin::Continue)
+        ("maxqueue", _) => maxqueue(engine, &words, from, out),
+        ("cancel", "job") => cancel_job(engine, &words, from, out),
+        ("create", "function") => {
+            function_command(engine, FunctionCommand::Create, &words, from, out)
         }
-        ("cancel", "job") => {
-            if restricted("cancel job", out) {
-                return ("cancel job", false, AfterAdmin::Continue);
-            }
-            let Some(h) = words.get(2) else {
-                err(out, "INVALID_ARGUMENTS", "cancel job HANDLE");
-                return ("cancel job", false, AfterAdmin::Continue);
-            };
-            match engine.cancel_job(&Bytes::copy_from_slice(h.as_bytes())) {
-                Ok(()) => out.put_slice(b"OK\r\n"),
-                Err(e) if e.code == "JOB_NOT_FOUND" => out.put_slice(b"ERR UNKNOWN_JOB\r\n"),
-                Err(e) => err(out, e.code, &e.text),
-            }
-            ("cancel job", true, AfterAdmin::Continue)
-        }
-        ("create", "function") | ("drop", "function") => {
-            let name = if cmd == "create" {
-                "create function"
-            } else {
-                "drop function"
-            };
-            if restricted(name, out) {
-                return (name, false, AfterAdmin::Continue);
-            }
-            let Some(f) = words.get(2) else {
-                err(out, "INVALID_ARGUMENTS", &format!("{name} FUNCTION"));
-                return (name, false, AfterAdmin::Continue);
-            };
-            let f = Bytes::copy_from_slice(f.as_bytes());
-            let r = if cmd == "create" {
-                engine.create_function(&f)
-            } else {
-                engine.drop_function(&f)
-            };
-            match r {
-                Ok(()) => out.put_slice(b"OK\r\n"),
-                Err(e) if e.code == "UNKNOWN_FUNCTION" => {
-                    out.put_slice(b"ERR function not found\r\n")
-                }
-                Err(e) => err(out, e.code, &e.text),
-            }
-            (name, true, AfterAdmin::Continue)
-        }
+        ("drop", "function") => function_command(engine, FunctionCommand::Drop, &words, from, out),
         ("getpid", _) => {
             out.put_slice(format!("OK {}\n", std::process::id()).as_bytes());
             ("getpid", true, AfterAdmin::Continue)
@@ -218,22 +173,157 @@ pub fn execute(
             out.put_slice(format!("OK {level}\n").as_bytes());
             ("verbose", true, AfterAdmin::Continue)
         }
-        ("shutdown", _) => {
-            if restricted("shutdown", out) {
-                return ("shutdown", false, AfterAdmin::Continue);
-            }
-            let graceful = sub == "graceful";
-            out.put_slice(b"OK\r\n");
-            tracing::warn!(graceful, "shutdown requested by admin command");
-            ("shutdown", true, AfterAdmin::Shutdown { graceful })
-        }
+        ("shutdown", _) => shutdown(sub == "graceful", from, out),
         _ => {
-            out.put_slice(b"ERR UNKNOWN_COMMAND Unknown+server+command");
+            out.put_slice(b"ERR ");
+            out.put_slice(ErrorCode::UnknownCommand.as_str().as_bytes());
+            out.put_slice(b" Unknown+server+command");
             out.put_slice(words.first().unwrap_or(&"").as_bytes());
             out.put_slice(b"\r\n");
             ("unknown", false, AfterAdmin::Continue)
         }
     }
+}
+
+/// `maxqueue FUNCTION [N | HIGH NORMAL LOW]`: no number removes the limit (0 = none).
+fn maxqueue(engine: &Engine, words: &[&str], from: Sender, out: &mut BytesMut) -> Executed {
+    const NAME: &str = "maxqueue";
+    if from.refuses(NAME, out) {
+        return (NAME, false, AfterAdmin::Continue);
+    }
+    let Some(func) = words.get(1) else {
+        err(
+            out,
+            ErrorCode::InvalidArguments,
+            "An incomplete set of arguments was sent to this command maxqueue",
+        );
+        return (NAME, false, AfterAdmin::Continue);
+    };
+    let nums: Result<Vec<u32>, _> = words[2..]
+        .iter()
+        .map(|w| w.parse::<i64>())
+        .map(|r| r.map(|v| v.clamp(0, u32::MAX as i64) as u32))
+        .collect();
+    let limits = match nums.as_deref() {
+        Ok([]) => [0, 0, 0],
+        Ok([n]) => [*n; 3],
+        Ok([h, n, l]) => [*h, *n, *l],
+        _ => {
+            err(
+                out,
+                ErrorCode::InvalidArguments,
+                "maxqueue FUNCTION [N | HIGH NORMAL LOW]",
+            );
+            return (NAME, false, AfterAdmin::Continue);
+        }
+    };
+    let _span = from.span(NAME).entered();
+    match engine.set_max_queue(&Bytes::copy_from_slice(func.as_bytes()), limits) {
+        Ok(()) => {
+            tracing::info!(
+                function = func,
+                high = limits[0],
+                normal = limits[1],
+                low = limits[2],
+                "queue limits of {func} set (0 = no limit)"
+            );
+            out.put_slice(b"OK\r\n")
+        }
+        Err(e) => err(out, e.code, &e.text),
+    }
+    (NAME, true, AfterAdmin::Continue)
+}
+
+/// `cancel job HANDLE`: a queued job is removed and its clients get WORK_FAIL.
+fn cancel_job(engine: &Engine, words: &[&str], from: Sender, out: &mut BytesMut) -> Executed {
+    const NAME: &str = "cancel job";
+    if from.refuses(NAME, out) {
+        return (NAME, false, AfterAdmin::Continue);
+    }
+    let Some(h) = words.get(2) else {
+        err(out, ErrorCode::InvalidArguments, "cancel job HANDLE");
+        return (NAME, false, AfterAdmin::Continue);
+    };
+    let _span = from.span(NAME).entered();
+    match engine.cancel_job(&Bytes::copy_from_slice(h.as_bytes())) {
+        Ok(()) => {
+            tracing::info!(handle = h, "job {h} cancelled");
+            out.put_slice(b"OK\r\n")
+        }
+        // gearmand's admin protocol names a missing job UNKNOWN_JOB, with no text.
+        Err(e) if e.code == ErrorCode::JobNotFound => {
+            out.put_slice(b"ERR ");
+            out.put_slice(ErrorCode::UnknownJob.as_str().as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        Err(e) => err(out, e.code, &e.text),
+    }
+    (NAME, true, AfterAdmin::Continue)
+}
+
+/// Which function command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FunctionCommand {
+    Create,
+    Drop,
+}
+
+/// `create function F` and `drop function F` (only a function with no jobs and no workers).
+fn function_command(
+    engine: &Engine,
+    which: FunctionCommand,
+    words: &[&str],
+    from: Sender,
+    out: &mut BytesMut,
+) -> Executed {
+    let name = match which {
+        FunctionCommand::Create => "create function",
+        FunctionCommand::Drop => "drop function",
+    };
+    if from.refuses(name, out) {
+        return (name, false, AfterAdmin::Continue);
+    }
+    let Some(f) = words.get(2) else {
+        err(
+            out,
+            ErrorCode::InvalidArguments,
+            &format!("{name} FUNCTION"),
+        );
+        return (name, false, AfterAdmin::Continue);
+    };
+    let _span = from.span(name).entered();
+    let function = Bytes::copy_from_slice(f.as_bytes());
+    let r = match which {
+        FunctionCommand::Create => engine.create_function(&function),
+        FunctionCommand::Drop => engine.drop_function(&function),
+    };
+    match r {
+        Ok(()) => {
+            match which {
+                FunctionCommand::Create => tracing::info!(function = f, "function {f} created"),
+                FunctionCommand::Drop => tracing::info!(function = f, "function {f} dropped"),
+            }
+            out.put_slice(b"OK\r\n")
+        }
+        // gearmand's answer to dropping an unknown function.
+        Err(e) if e.code == ErrorCode::UnknownFunction => {
+            out.put_slice(b"ERR function not found\r\n")
+        }
+        Err(e) => err(out, e.code, &e.text),
+    }
+    (name, true, AfterAdmin::Continue)
+}
+
+/// `shutdown [graceful]`: the caller stops the server.
+fn shutdown(graceful: bool, from: Sender, out: &mut BytesMut) -> Executed {
+    const NAME: &str = "shutdown";
+    if from.refuses(NAME, out) {
+        return (NAME, false, AfterAdmin::Continue);
+    }
+    let _span = from.span(NAME).entered();
+    out.put_slice(b"OK\r\n");
+    tracing::warn!(graceful, "shutdown requested by admin command");
+    (NAME, true, AfterAdmin::Shutdown { graceful })
 }
 
 fn line_tab(out: &mut BytesMut, name: &[u8], nums: &[u32]) {
