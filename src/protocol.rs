@@ -456,6 +456,22 @@ mod tests {
     }
 
     #[test]
+    fn framing_errors_keep_the_codec_s_wire_codes() {
+        let errors = [
+            CodecError::BadMagic(*b"HTTP"),
+            CodecError::UnknownType(99),
+            CodecError::TooLarge { len: 9, max: 1 },
+            CodecError::AdminLineTooLong { max: 1 },
+            CodecError::Io(std::io::Error::other("reset")),
+        ];
+        for e in &errors {
+            assert_eq!(ErrorCode::from(e).as_str(), e.code(), "{e}");
+        }
+        let e = ProtocolError::new(ErrorCode::JobNotFound, "no such job");
+        assert_eq!(e.to_string(), "JOB_NOT_FOUND: no such job");
+    }
+
+    #[test]
     fn work_packets_keep_their_body_for_forwarding() {
         let Request::Work { kind, handle, body } =
             Request::parse(&pkt(PacketType::WORK_COMPLETE, b"H:x:1\0result"), &LIMITS).unwrap()
