@@ -96,61 +96,12 @@ pub fn execute(
     let cmd = lower.first().map(String::as_str).unwrap_or("");
     let sub = lower.get(1).map(String::as_str).unwrap_or("");
     match (cmd, sub) {
-        ("status", _) => {
-            for f in engine.function_stats() {
-                let total = f.queued.iter().sum::<u32>() + f.running;
-                line_tab(out, &f.name_bytes, &[total, f.running, f.workers]);
-            }
-            out.put_slice(b".\n");
-            ("status", true, AfterAdmin::Continue)
-        }
-        ("prioritystatus", _) => {
-            for f in engine.function_stats() {
-                line_tab(
-                    out,
-                    &f.name_bytes,
-                    &[f.queued[0], f.queued[1], f.queued[2], f.workers],
-                );
-            }
-            out.put_slice(b".\n");
-            ("prioritystatus", true, AfterAdmin::Continue)
-        }
-        ("workers", _) => {
-            for c in engine.connections() {
-                out.put_slice(format!("{} {} ", c.id, c.peer.ip()).as_bytes());
-                out.put_slice(&c.client_id);
-                out.put_slice(b" :");
-                for f in &c.functions {
-                    out.put_u8(b' ');
-                    out.put_slice(f);
-                }
-                out.put_u8(b'\n');
-            }
-            out.put_slice(b".\n");
-            ("workers", true, AfterAdmin::Continue)
-        }
-        ("show", "jobs") => {
-            for j in engine.jobs() {
-                out.put_slice(&j.handle);
-                // gearmand counts a retry when a job goes back to the queue: a queued job has
-                // failed every attempt it had, a running one all but the current attempt.
-                let retries = if j.queued {
-                    j.attempts
-                } else {
-                    j.attempts.saturating_sub(1)
-                };
-                out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
-            }
-            out.put_slice(b".\n");
-            ("show jobs", true, AfterAdmin::Continue)
-        }
+        ("status", _) => status(engine, out),
+        ("prioritystatus", _) => priority_status(engine, out),
+        ("workers", _) => workers(engine, out),
+        ("show", "jobs") => show_jobs(engine, out),
         ("show", "unique") if words.get(2).is_some_and(|w| w.eq_ignore_ascii_case("jobs")) => {
-            for u in engine.uniques() {
-                out.put_slice(&u);
-                out.put_u8(b'\n');
-            }
-            out.put_slice(b".\n");
-            ("show unique jobs", true, AfterAdmin::Continue)
+            show_unique_jobs(engine, out)
         }
         ("maxqueue", _) => maxqueue(engine, &words, from, out),
         ("cancel", "job") => cancel_job(engine, &words, from, out),
@@ -183,6 +134,72 @@ pub fn execute(
             ("unknown", false, AfterAdmin::Continue)
         }
     }
+}
+
+/// `status`: `FUNC\tTOTAL\tRUNNING\tWORKERS` per function (TOTAL includes running), then `.`.
+fn status(engine: &Engine, out: &mut BytesMut) -> Executed {
+    for f in engine.function_stats() {
+        let total = f.queued.iter().sum::<u32>() + f.running;
+        line_tab(out, &f.name_bytes, &[total, f.running, f.workers]);
+    }
+    out.put_slice(b".\n");
+    ("status", true, AfterAdmin::Continue)
+}
+
+/// `prioritystatus`: `FUNC\tHIGH\tNORMAL\tLOW\tWORKERS` per function, then `.`.
+fn priority_status(engine: &Engine, out: &mut BytesMut) -> Executed {
+    for f in engine.function_stats() {
+        line_tab(
+            out,
+            &f.name_bytes,
+            &[f.queued[0], f.queued[1], f.queued[2], f.workers],
+        );
+    }
+    out.put_slice(b".\n");
+    ("prioritystatus", true, AfterAdmin::Continue)
+}
+
+/// `workers`: `ID IP CLIENT_ID : f1 f2` per connection, then `.`.
+fn workers(engine: &Engine, out: &mut BytesMut) -> Executed {
+    for c in engine.connections() {
+        out.put_slice(format!("{} {} ", c.id, c.peer.ip()).as_bytes());
+        out.put_slice(&c.client_id);
+        out.put_slice(b" :");
+        for f in &c.functions {
+            out.put_u8(b' ');
+            out.put_slice(f);
+        }
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b".\n");
+    ("workers", true, AfterAdmin::Continue)
+}
+
+/// `show jobs`: `HANDLE\tRETRIES\tIGNORE\tQUEUED` per job, then `.`.
+fn show_jobs(engine: &Engine, out: &mut BytesMut) -> Executed {
+    for j in engine.jobs() {
+        out.put_slice(&j.handle);
+        // gearmand counts a retry when a job goes back to the queue: a queued job has
+        // failed every attempt it had, a running one all but the current attempt.
+        let retries = if j.queued {
+            j.attempts
+        } else {
+            j.attempts.saturating_sub(1)
+        };
+        out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
+    }
+    out.put_slice(b".\n");
+    ("show jobs", true, AfterAdmin::Continue)
+}
+
+/// `show unique jobs`: one unique id a line, then `.`.
+fn show_unique_jobs(engine: &Engine, out: &mut BytesMut) -> Executed {
+    for u in engine.uniques() {
+        out.put_slice(&u);
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b".\n");
+    ("show unique jobs", true, AfterAdmin::Continue)
 }
 
 /// `maxqueue FUNCTION [N | HIGH NORMAL LOW]`: no number removes the limit (0 = none).
@@ -338,6 +355,104 @@ fn line_tab(out: &mut BytesMut, name: &[u8], nums: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    /// Collects `name: value` of every field it visits.
+    struct Fields(Vec<String>);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.push(format!("{}={:?}", field.name(), value));
+        }
+    }
+
+    /// Records each span's name and fields, and each event with the span it was written in.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl<S> tracing_subscriber::Layer<S> for Recorder
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            let mut f = Fields(Vec::new());
+            attrs.record(&mut f);
+            let line = format!("span {} {}", attrs.metadata().name(), f.0.join(" "));
+            self.0.lock().unwrap().push(line);
+        }
+
+        fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+            let mut f = Fields(Vec::new());
+            event.record(&mut f);
+            let inside = ctx.event_span(event).map(|s| s.name()).unwrap_or("-");
+            let line = format!("event in {inside}: {}", f.0.join(" "));
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    #[test]
+    fn state_changing_commands_run_in_an_admin_span_that_says_what_changed() {
+        let engine = Engine::new(
+            Default::default(),
+            Arc::new(crate::metrics::Metrics::new(10)),
+            None,
+            None,
+        );
+        let peer: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let rec = Recorder::default();
+        let subscriber = tracing_subscriber::registry().with(rec.clone());
+        let mut out = BytesMut::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let run = |line: &'static str, admin: bool, out: &mut BytesMut| {
+                execute(&engine, &Bytes::from(line), peer, admin, out)
+            };
+            assert!(run("maxqueue resize 3", true, &mut out).1);
+            run("create function thumbs", true, &mut out);
+            run("drop function thumbs", true, &mut out);
+            run("cancel job H:gearhouse:1", true, &mut out);
+            // Refused before it runs: no span, nothing changed.
+            run("drop function resize", false, &mut out);
+            run("status", true, &mut out);
+        });
+        let lines = rec.0.lock().unwrap().clone();
+        let spans: Vec<&String> = lines.iter().filter(|l| l.starts_with("span")).collect();
+        assert_eq!(spans.len(), 4, "{lines:#?}");
+        assert!(spans[0].contains("gearhouse.admin command=\"maxqueue\" peer=10.0.0.7:5000"));
+        assert!(spans[3].contains("command=\"cancel job\""));
+        let changes: Vec<&String> = lines.iter().filter(|l| l.starts_with("event")).collect();
+        assert_eq!(
+            changes.len(),
+            3,
+            "the cancel of an unknown job changed nothing: {lines:#?}"
+        );
+        assert!(changes
+            .iter()
+            .all(|l| l.starts_with("event in gearhouse.admin")));
+        assert!(
+            changes[0].contains("queue limits of resize set"),
+            "{}",
+            changes[0]
+        );
+        assert!(
+            changes[2].contains("function thumbs dropped"),
+            "{}",
+            changes[2]
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "OK\r\nOK\r\nOK\r\nERR UNKNOWN_JOB\r\n\
+             ERR PERMISSION_DENIED drop+function+is+accepted+only+from+server.admin_networks\r\n\
+             resize\t0\t0\t0\n.\n"
+        );
+    }
 
     #[test]
     fn admin_networks_match_v4_mapped_addresses() {
