@@ -159,6 +159,34 @@ struct State {
     deferred: Vec<Deferred>,
 }
 
+/// Why a running job lost its attempt (for observers and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequeueReason {
+    /// The worker's connection closed.
+    Disconnected,
+    /// CANT_DO or RESET_ABILITIES for the job's function.
+    GaveUpFunction,
+    /// The attempt outlived the worker's CAN_DO_TIMEOUT.
+    CanDoTimeout,
+}
+
+impl RequeueReason {
+    /// The reason as observers (span events) and log lines spell it.
+    fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::Disconnected => "worker disconnected",
+            RequeueReason::GaveUpFunction => "worker gave up the function",
+            RequeueReason::CanDoTimeout => "worker passed its CAN_DO_TIMEOUT",
+        }
+    }
+}
+
+impl std::fmt::Display for RequeueReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A log line decided under the lock, written by [`Locked`] after it releases the lock.
 enum Deferred {
     /// A connection was closed for not reading its packets.
@@ -167,12 +195,12 @@ enum Deferred {
     RetriesExhausted {
         seq: u64,
         attempts: u32,
-        why: &'static str,
+        why: RequeueReason,
     },
     /// A running foreground job lost its attempt and no client waits for it any more.
-    Abandoned { seq: u64, why: &'static str },
+    Abandoned { seq: u64, why: RequeueReason },
     /// A running job went back to its queue.
-    Requeued { seq: u64, why: &'static str },
+    Requeued { seq: u64, why: RequeueReason },
     /// A recovered job was not restored: the function table is full.
     NotRestored { seq: u64 },
 }
@@ -415,7 +443,7 @@ impl Engine {
             }
         }
         for (slot, seq) in conn.holding {
-            self.requeue(st, slot, seq, now, "worker disconnected");
+            self.requeue(st, slot, seq, now, RequeueReason::Disconnected);
         }
         self.end_waits(st, id, &conn.waiting);
         // A worker that was woken but left before grabbing must not strand queued work.

@@ -9,7 +9,7 @@ use std::cmp::Reverse;
 use tokio_util::sync::CancellationToken;
 
 use super::job::JobState;
-use super::{Engine, State};
+use super::{Engine, RequeueReason, State};
 
 /// What happens at a deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -80,7 +80,7 @@ impl Engine {
         if let Some(c) = st.conns.get_mut(&worker) {
             c.holding.retain(|&(s, q)| !(s == slot && q == seq));
         }
-        self.requeue(st, slot, seq, now, "worker passed its CAN_DO_TIMEOUT");
+        self.requeue(st, slot, seq, now, RequeueReason::CanDoTimeout);
     }
 
     /// Runs the timer loop (epoch jobs, worker timeouts) until `shutdown`.

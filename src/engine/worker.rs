@@ -15,7 +15,7 @@ use super::job::{Function, Job, JobState, QueueRef};
 use super::timers::Timer;
 use super::{
     peer_info, put_error, send, send_each, Ability, Conn, ConnId, Deferred, Engine, JobOutcome,
-    State,
+    RequeueReason, State,
 };
 use crate::codec::{put_response, response, split_args, PacketType, HEADER_LEN};
 use crate::protocol::{ErrorCode, GrabKind, Priority, ProtocolError, WorkKind};
@@ -178,7 +178,7 @@ impl Engine {
         }
         let now = self.now_ns();
         for (slot, seq) in requeue {
-            self.requeue(st, slot, seq, now, "worker gave up the function");
+            self.requeue(st, slot, seq, now, RequeueReason::GaveUpFunction);
         }
     }
 
@@ -364,7 +364,14 @@ impl Engine {
 
     /// Puts a running job back at the tail of its priority, or drops it with WORK_FAIL once it
     /// has used `job_retries` attempts.
-    pub(super) fn requeue(&self, st: &mut State, slot: u32, seq: u64, now: u64, why: &'static str) {
+    pub(super) fn requeue(
+        &self,
+        st: &mut State,
+        slot: u32,
+        seq: u64,
+        now: u64,
+        why: RequeueReason,
+    ) {
         let Some(job) = st.jobs.get_mut(slot as usize).filter(|j| j.seq == seq) else {
             return;
         };
@@ -372,7 +379,7 @@ impl Engine {
             return;
         }
         if let Some(o) = &self.shared.observer {
-            o.requeued(seq, why);
+            o.requeued(seq, why.as_str());
         }
         let f = &mut st.functions[job.func as usize];
         f.running = f.running.saturating_sub(1);
