@@ -3,17 +3,22 @@
 //!
 //! Function names come from clients, so the number of distinct `function` label values is capped
 //! ([`FunctionLabels`]); functions past the cap share the label `__other__`.
+//!
+//! Counters whose label values are known in advance start at 0 rather than appearing on their
+//! first increment, so `rate()` and alerts see a series from the first scrape: the protocol
+//! error kinds at [`Metrics::new`], and each function's per-priority/mode counters and refusal
+//! reasons when the function is first seen ([`Metrics::for_function`]).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
 
-use crate::codec::PacketType;
-use crate::protocol::Priority;
+use crate::codec::{CodecError, PacketType};
+use crate::protocol::{ErrorCode, Priority};
 
 /// The label value that functions past the label cap share.
 pub const OTHER_FUNCTION: &str = "__other__";
@@ -103,6 +108,48 @@ impl ByMode {
     pub fn inc(&self, p: Priority, background: bool) {
         self.0[p as usize][background as usize].inc();
     }
+}
+
+/// Why a submit was refused: the `reason` label of `gearhouse_jobs_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// `engine.max_functions` reached by a new function (counted under `__other__`).
+    TooManyFunctions,
+    /// The function's queue at that priority is at its limit (`maxqueue`).
+    QueueFull,
+    /// The durable mirror would not take the job.
+    NotDurable,
+}
+
+impl RefusalReason {
+    /// The reasons a known function's submits can be refused for.
+    pub const PER_FUNCTION: [RefusalReason; 2] =
+        [RefusalReason::QueueFull, RefusalReason::NotDurable];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::TooManyFunctions => "too_many_functions",
+            RefusalReason::QueueFull => "queue_full",
+            RefusalReason::NotDurable => "not_durable",
+        }
+    }
+}
+
+/// `kind` label values of `gearhouse_protocol_errors_total`: framing errors (named by the
+/// codec), frame timeouts, and the codes a parsed request is refused with.
+pub fn protocol_error_kinds() -> Vec<&'static str> {
+    let framing = [
+        CodecError::BadMagic([0; 4]),
+        CodecError::UnknownType(0),
+        CodecError::TooLarge { len: 0, max: 0 },
+        CodecError::AdminLineTooLong { max: 0 },
+        CodecError::Io(std::io::Error::other("")),
+    ];
+    let mut kinds: Vec<&'static str> = framing.iter().map(CodecError::kind).collect();
+    kinds.push("frame_timeout");
+    kinds.extend(ErrorCode::PARSE.map(ErrorCode::as_str));
+    kinds
 }
 
 /// `mode` label values, indexed by the background flag.
@@ -249,6 +296,19 @@ impl Metrics {
             },
             registry: r,
         };
+        for kind in protocol_error_kinds() {
+            m.protocol_errors.with_label_values(&[kind]);
+        }
+        for p in Priority::ALL {
+            for mode in MODES {
+                m.jobs_refused.with_label_values(&[
+                    OTHER_FUNCTION,
+                    RefusalReason::TooManyFunctions.as_str(),
+                    p.as_str(),
+                    mode,
+                ]);
+            }
+        }
         for reason in ["queue_full", "export_failed", "shutdown"] {
             m.trace_spans_dropped.with_label_values(&[reason]);
         }
@@ -271,7 +331,8 @@ impl Metrics {
     /// Resolves the metric handles of a function seen for the first time.
     pub fn for_function(&self, name: &[u8]) -> FunctionMetrics {
         let label = {
-            let mut l = self.labels.lock().expect("labels lock");
+            // FunctionLabels stays consistent across a panic (one insert), so poison is ignored.
+            let mut l = self.labels.lock().unwrap_or_else(PoisonError::into_inner);
             let label = l.label_for(name);
             self.function_labels_folded.set(l.folded as i64);
             label
@@ -281,6 +342,18 @@ impl Metrics {
                 .with_label_values(&[label.as_str(), p.as_str(), mode])
         };
         let by_mode = |v: &IntCounterVec| ByMode::new(v, &label);
+        for reason in RefusalReason::PER_FUNCTION {
+            for p in Priority::ALL {
+                for mode in MODES {
+                    self.jobs_refused.with_label_values(&[
+                        label.as_str(),
+                        reason.as_str(),
+                        p.as_str(),
+                        mode,
+                    ]);
+                }
+            }
+        }
         FunctionMetrics {
             submitted: Priority::ALL.map(|p| [sub(p, "foreground"), sub(p, "background")]),
             completed: by_mode(&self.jobs_completed),
@@ -302,9 +375,14 @@ impl Metrics {
     }
 
     /// Counts a refused submit.
-    pub fn refused(&self, label: &str, reason: &str, p: Priority, background: bool) {
+    pub fn refused(&self, label: &str, reason: RefusalReason, p: Priority, background: bool) {
         self.jobs_refused
-            .with_label_values(&[label, reason, p.as_str(), MODES[background as usize]])
+            .with_label_values(&[
+                label,
+                reason.as_str(),
+                p.as_str(),
+                MODES[background as usize],
+            ])
             .inc();
     }
 
@@ -331,5 +409,81 @@ mod tests {
         assert_eq!(l.label_for(b"c"), OTHER_FUNCTION);
         assert_eq!(l.label_for(b"a"), "a");
         assert_eq!(l.folded, 1);
+    }
+
+    fn sample(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        m.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .find(|s| {
+                labels.iter().all(|(k, v)| {
+                    s.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|s| s.get_counter().value() as u64)
+    }
+
+    #[test]
+    fn counters_with_known_labels_start_at_zero() {
+        let m = Metrics::new(10);
+        for kind in [
+            "bad_magic",
+            "packet_too_large",
+            "frame_timeout",
+            "INVALID_PACKET",
+        ] {
+            assert_eq!(
+                sample(&m, "gearhouse_protocol_errors_total", &[("kind", kind)]),
+                Some(0),
+                "{kind}"
+            );
+        }
+        let too_many = [
+            ("function", OTHER_FUNCTION),
+            ("reason", "too_many_functions"),
+        ];
+        assert_eq!(
+            sample(&m, "gearhouse_jobs_refused_total", &too_many),
+            Some(0)
+        );
+        let refused = [
+            ("function", "resize"),
+            ("reason", "queue_full"),
+            ("priority", "low"),
+            ("mode", "background"),
+        ];
+        assert_eq!(sample(&m, "gearhouse_jobs_refused_total", &refused), None);
+        let f = m.for_function(b"resize");
+        for reason in ["queue_full", "not_durable"] {
+            let labels = [
+                ("function", "resize"),
+                ("reason", reason),
+                ("priority", "low"),
+                ("mode", "background"),
+            ];
+            assert_eq!(
+                sample(&m, "gearhouse_jobs_refused_total", &labels),
+                Some(0),
+                "{reason}"
+            );
+        }
+        let retried = [
+            ("function", "resize"),
+            ("priority", "high"),
+            ("mode", "foreground"),
+        ];
+        assert_eq!(
+            sample(&m, "gearhouse_jobs_retried_total", &retried),
+            Some(0)
+        );
+        m.refused(&f.label, RefusalReason::QueueFull, Priority::Low, true);
+        assert_eq!(
+            sample(&m, "gearhouse_jobs_refused_total", &refused),
+            Some(1)
+        );
     }
 }

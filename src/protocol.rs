@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::codec::{split_args, Magic, Packet, PacketType};
+use crate::codec::{split_args, CodecError, Magic, Packet, PacketType};
 
 /// The three Gearman priorities; `High` is served first, FIFO within each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,16 +127,108 @@ pub enum Request {
     AllYours,
 }
 
+/// The error codes the server sends: in `ERROR code text` packets and in the admin protocol's
+/// `ERR CODE text` lines. The wire names are gearmand's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// `\0RES` magic (or any magic but `\0REQ`) on a request.
+    InvalidMagic,
+    /// A known packet type a server does not accept, or an unknown one.
+    InvalidCommand,
+    /// Fewer arguments than the packet type needs.
+    InvalidPacket,
+    /// An argument that should be a number is not.
+    InvalidArgument,
+    /// A client-chosen length over its limit (packet, function name, unique id, admin line).
+    ArgumentTooLarge,
+    /// OPTION_REQ with an option other than `exceptions`.
+    UnknownOption,
+    /// A result or `cancel job` for a job that does not exist (or is not this worker's).
+    JobNotFound,
+    /// `cancel job` of a job a worker is running.
+    JobRunning,
+    /// The queue refused the job: full, too many functions, or not durable.
+    QueueError,
+    /// `drop function` of a function the server does not know.
+    UnknownFunction,
+    /// `drop function` of a function that still has jobs or workers.
+    FunctionInUse,
+    /// A state-changing admin command from outside `server.admin_networks`.
+    PermissionDenied,
+    /// An admin command with missing or malformed arguments.
+    InvalidArguments,
+    /// An admin command the server does not know.
+    UnknownCommand,
+    /// `cancel job` of a handle the server does not know (gearmand's admin spelling).
+    UnknownJob,
+    /// The connection's socket failed; never sent, only named.
+    Io,
+}
+
+impl ErrorCode {
+    /// The codes a request that frames correctly can be refused with by [`Request::parse`]
+    /// (the protocol-error metric starts each of them at 0).
+    pub const PARSE: [ErrorCode; 5] = [
+        ErrorCode::InvalidMagic,
+        ErrorCode::InvalidCommand,
+        ErrorCode::InvalidPacket,
+        ErrorCode::InvalidArgument,
+        ErrorCode::ArgumentTooLarge,
+    ];
+
+    /// The code as the wire spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidMagic => "INVALID_MAGIC",
+            ErrorCode::InvalidCommand => "INVALID_COMMAND",
+            ErrorCode::InvalidPacket => "INVALID_PACKET",
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::ArgumentTooLarge => "ARGUMENT_TOO_LARGE",
+            ErrorCode::UnknownOption => "UNKNOWN_OPTION",
+            ErrorCode::JobNotFound => "JOB_NOT_FOUND",
+            ErrorCode::JobRunning => "JOB_RUNNING",
+            ErrorCode::QueueError => "QUEUE_ERROR",
+            ErrorCode::UnknownFunction => "UNKNOWN_FUNCTION",
+            ErrorCode::FunctionInUse => "FUNCTION_IN_USE",
+            ErrorCode::PermissionDenied => "PERMISSION_DENIED",
+            ErrorCode::InvalidArguments => "INVALID_ARGUMENTS",
+            ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
+            ErrorCode::UnknownJob => "UNKNOWN_JOB",
+            ErrorCode::Io => "IO",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The code a framing error is answered with before the connection closes.
+impl From<&CodecError> for ErrorCode {
+    fn from(e: &CodecError) -> ErrorCode {
+        match e {
+            CodecError::BadMagic(_) => ErrorCode::InvalidMagic,
+            CodecError::UnknownType(_) => ErrorCode::InvalidCommand,
+            CodecError::TooLarge { .. } | CodecError::AdminLineTooLong { .. } => {
+                ErrorCode::ArgumentTooLarge
+            }
+            CodecError::Io(_) => ErrorCode::Io,
+        }
+    }
+}
+
 /// A request that frames correctly but cannot be served; the client gets `ERROR code text`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {text}")]
 pub struct ProtocolError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub text: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: &'static str, text: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, text: impl Into<String>) -> Self {
         ProtocolError {
             code,
             text: text.into(),
@@ -155,7 +247,7 @@ pub struct ArgLimits {
 fn check(what: &str, v: &Bytes, max: usize) -> Result<(), ProtocolError> {
     if v.len() > max {
         return Err(ProtocolError::new(
-            "ARGUMENT_TOO_LARGE",
+            ErrorCode::ArgumentTooLarge,
             format!("{what} is {} bytes, the limit is {max}", v.len()),
         ));
     }
@@ -165,7 +257,7 @@ fn check(what: &str, v: &Bytes, max: usize) -> Result<(), ProtocolError> {
 fn args(p: &Packet, n: usize) -> Result<Vec<Bytes>, ProtocolError> {
     split_args(&p.body, n).ok_or_else(|| {
         ProtocolError::new(
-            "INVALID_PACKET",
+            ErrorCode::InvalidPacket,
             format!("{} needs {n} NUL-separated arguments", p.kind.name()),
         )
     })
@@ -175,7 +267,12 @@ fn parse_u64(what: &str, v: &[u8]) -> Result<u64, ProtocolError> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| ProtocolError::new("INVALID_ARGUMENT", format!("{what} is not a number")))
+        .ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::InvalidArgument,
+                format!("{what} is not a number"),
+            )
+        })
 }
 
 impl Request {
@@ -184,7 +281,7 @@ impl Request {
         use PacketType::*;
         if p.magic != Magic::Req {
             return Err(ProtocolError::new(
-                "INVALID_MAGIC",
+                ErrorCode::InvalidMagic,
                 "packets to the server use \\0REQ",
             ));
         }
@@ -270,7 +367,7 @@ impl Request {
             }
             SUBMIT_JOB_SCHED => {
                 return Err(ProtocolError::new(
-                    "INVALID_COMMAND",
+                    ErrorCode::InvalidCommand,
                     "SUBMIT_JOB_SCHED is not supported (gearmand never ran it on schedule either); use SUBMIT_JOB_EPOCH",
                 ))
             }
@@ -295,7 +392,7 @@ impl Request {
             ALL_YOURS => Request::AllYours,
             other => {
                 return Err(ProtocolError::new(
-                    "INVALID_COMMAND",
+                    ErrorCode::InvalidCommand,
                     format!("{} is not a request a server accepts", other.name()),
                 ))
             }
@@ -345,17 +442,33 @@ mod tests {
     #[test]
     fn refuses_long_arguments_wrong_magic_and_server_packets() {
         let e = Request::parse(&pkt(PacketType::SUBMIT_JOB, b"f\0uuuuu\0d"), &LIMITS).unwrap_err();
-        assert_eq!(e.code, "ARGUMENT_TOO_LARGE");
+        assert_eq!(e.code, ErrorCode::ArgumentTooLarge);
         let mut p = pkt(PacketType::ECHO_REQ, b"x");
         p.magic = Magic::Res;
         assert_eq!(
             Request::parse(&p, &LIMITS).unwrap_err().code,
-            "INVALID_MAGIC"
+            ErrorCode::InvalidMagic
         );
         let e = Request::parse(&pkt(PacketType::NOOP, b""), &LIMITS).unwrap_err();
-        assert_eq!(e.code, "INVALID_COMMAND");
+        assert_eq!(e.code, ErrorCode::InvalidCommand);
         let e = Request::parse(&pkt(PacketType::SUBMIT_JOB, b"f"), &LIMITS).unwrap_err();
-        assert_eq!(e.code, "INVALID_PACKET");
+        assert_eq!(e.code, ErrorCode::InvalidPacket);
+    }
+
+    #[test]
+    fn framing_errors_keep_the_codec_s_wire_codes() {
+        let errors = [
+            CodecError::BadMagic(*b"HTTP"),
+            CodecError::UnknownType(99),
+            CodecError::TooLarge { len: 9, max: 1 },
+            CodecError::AdminLineTooLong { max: 1 },
+            CodecError::Io(std::io::Error::other("reset")),
+        ];
+        for e in &errors {
+            assert_eq!(ErrorCode::from(e).as_str(), e.code(), "{e}");
+        }
+        let e = ProtocolError::new(ErrorCode::JobNotFound, "no such job");
+        assert_eq!(e.to_string(), "JOB_NOT_FOUND: no such job");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::admin::{self, AfterAdmin};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
 use crate::engine::{put_error, ConnId, Engine};
-use crate::protocol::{ArgLimits, ProtocolError, Request};
+use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request};
 
 /// Connection-level settings (see `config/default.toml`).
 #[derive(Debug, Clone)]
@@ -239,7 +239,10 @@ impl Connection {
                 if !matches!(e, CodecError::Io(_)) {
                     tracing::info!(conn = self.id, peer = %self.peer, error = %e, "closing connection: bad input");
                     let mut b = BytesMut::new();
-                    put_error(&mut b, &ProtocolError::new(e.code(), e.to_string()));
+                    put_error(
+                        &mut b,
+                        &ProtocolError::new(ErrorCode::from(e), e.to_string()),
+                    );
                     let _ = self.framed.send(b.freeze()).await;
                 }
             }
@@ -381,7 +384,8 @@ impl Connection {
             Frame::Admin(line) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
                 let out = self.framed.write_buffer_mut();
-                let (cmd, ok, after) = admin::execute(&self.engine, &line, self.is_admin, out);
+                let (cmd, ok, after) =
+                    admin::execute(&self.engine, &line, self.peer, self.is_admin, out);
                 metrics
                     .admin_commands
                     .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
@@ -399,7 +403,10 @@ impl Connection {
                 let req = match Request::parse(&p, &self.cfg.limits) {
                     Ok(r) => r,
                     Err(e) => {
-                        metrics.protocol_errors.with_label_values(&[e.code]).inc();
+                        metrics
+                            .protocol_errors
+                            .with_label_values(&[e.code.as_str()])
+                            .inc();
                         tracing::debug!(conn = self.id, error = %e, "refused request");
                         put_error(self.framed.write_buffer_mut(), &e);
                         metrics.packets_out.inc();

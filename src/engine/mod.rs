@@ -1,0 +1,500 @@
+//! The job engine: every queued and running job, every function and what each connection is
+//! doing, behind one lock. Requests become state changes here; answers to the requesting
+//! connection are appended to its write buffer, and packets for other connections (NOOP wake-ups,
+//! WORK_* results) go through their bounded outbound channels. Nothing here awaits, so the engine
+//! is a synchronous state machine that its unit tests drive directly (`tests.rs`); slow I/O
+//! (memcached, span export) happens in tasks fed by the [`Mirror`] seam.
+//!
+//! One `impl Engine`, spread by subject:
+//! - `mod.rs`: the handle, the locked [`State`], connections (connect, disconnect, client
+//!   options), and sending to other connections.
+//! - [`seams`]: the [`Mirror`] and [`JobObserver`] traits and the values that cross them.
+//! - [`job`]: the per-job and per-function structs, sized for a million queued jobs.
+//! - [`clock`]: the one clock (tokio's, so tests pause it) for timings, timers and epochs.
+//! - [`submit`]: SUBMIT_JOB*, coalescing on unique ids, and the mirror's write acknowledgements.
+//! - [`worker`]: CAN_DO, PRE_SLEEP, wake-ups, GRAB_JOB*, WORK_*, requeue and job removal.
+//! - [`timers`]: epoch jobs and CAN_DO_TIMEOUT, and the task that fires them.
+//! - [`restore`]: putting recovered jobs back, and the records the mirror re-reads.
+//! - [`snapshots`]: GET_STATUS, the admin and metrics views, and the admin mutations.
+//!
+//! Log lines decided while the lock is held are queued in [`State`] and written by the guard
+//! ([`Locked`]) after it releases the lock, so a slow log sink never stalls the job path.
+
+mod clock;
+mod job;
+mod restore;
+mod seams;
+mod snapshots;
+mod submit;
+#[cfg(test)]
+mod tests;
+mod timers;
+mod worker;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+// hashbrown's maps (foldhash) rather than std's SipHash: keys here are sequence numbers and
+// connection ids, hashed on every packet.
+use hashbrown::{HashMap, HashTable};
+use slab::Slab;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{put_response, PacketType};
+use crate::metrics::Metrics;
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::seq_index::SeqIndex;
+
+use clock::Clock;
+use job::{Function, Job};
+use timers::Timer;
+
+pub use seams::{JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, PeerInfo};
+pub use snapshots::{ConnInfo, FunctionStat, JobInfo, Totals};
+pub use submit::SubmitOutcome;
+
+/// Connection ids come from a counter, never from file descriptors.
+pub type ConnId = u64;
+
+/// Engine settings (see `config/default.toml` for their documentation).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Middle part of job handles: `H:<node_id>:<seq>`.
+    pub node_id: String,
+    /// Attempts after which a job is dropped with WORK_FAIL (0 = retry forever).
+    pub job_retries: u32,
+    /// Sleeping workers woken per queued job (0 = all of them, as gearmand does by default).
+    pub worker_wakeup: u32,
+    /// Queued jobs allowed per function and priority unless `maxqueue` says otherwise (0 = no limit).
+    pub max_queue_per_function: u32,
+    /// Distinct functions the server keeps (CAN_DO or submit of a new one past it is refused).
+    pub max_functions: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            node_id: "gearhouse".into(),
+            job_retries: 0,
+            worker_wakeup: 1,
+            max_queue_per_function: 10_000_000,
+            max_functions: 10_000,
+        }
+    }
+}
+
+/// Cloneable handle to the engine.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// A plain mutex: every critical section is short, never awaits, and the job path needs
+    /// one consistent view of jobs, queues and connections (2 cores: no sharding gain).
+    state: Mutex<State>,
+    cfg: EngineConfig,
+    handle_prefix: Bytes,
+    clock: Clock,
+    /// Wakes the timer task when an earlier deadline is added.
+    timer_wake: Notify,
+    metrics: Arc<Metrics>,
+    mirror: Option<Arc<dyn Mirror>>,
+    observer: Option<Arc<dyn JobObserver>>,
+}
+
+impl Shared {
+    /// The wire handle of a job sequence number.
+    fn handle_of(&self, seq: u64) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.handle_prefix.len() + 20);
+        b.extend_from_slice(&self.handle_prefix);
+        b.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        b.freeze()
+    }
+}
+
+/// What a worker registered with CAN_DO (or CAN_DO_TIMEOUT).
+struct Ability {
+    func: u32,
+    timeout_ms: Option<u32>,
+}
+
+/// One connection's part of the engine state.
+struct Conn {
+    peer: SocketAddr,
+    tx: mpsc::Sender<Bytes>,
+    kill: CancellationToken,
+    client_id: Bytes,
+    abilities: Vec<Ability>,
+    sleeping: bool,
+    sleep_gen: u32,
+    /// Jobs this worker holds: (slot, seq).
+    holding: Vec<(u32, u64)>,
+    /// Foreground jobs this client waits on: (slot, seq).
+    waiting: Vec<(u32, u64)>,
+    exceptions: bool,
+    /// Rotates the starting function of each grab so functions of one priority share workers.
+    rotate: usize,
+    is_client: bool,
+}
+
+/// Everything the lock guards.
+struct State {
+    jobs: Slab<Job>,
+    by_seq: SeqIndex,
+    uniques: HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    functions: Slab<Function>,
+    function_ids: HashMap<Bytes, u32>,
+    conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    next_seq: u64,
+    timers: BinaryHeap<Reverse<(u64, Timer)>>,
+    /// Log lines to write once the lock is released (empty, and unallocated, nearly always).
+    deferred: Vec<Deferred>,
+}
+
+/// Why a running job lost its attempt (for observers and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequeueReason {
+    /// The worker's connection closed.
+    Disconnected,
+    /// CANT_DO or RESET_ABILITIES for the job's function.
+    GaveUpFunction,
+    /// The attempt outlived the worker's CAN_DO_TIMEOUT.
+    CanDoTimeout,
+}
+
+impl RequeueReason {
+    /// The reason as observers (span events) and log lines spell it.
+    fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::Disconnected => "worker disconnected",
+            RequeueReason::GaveUpFunction => "worker gave up the function",
+            RequeueReason::CanDoTimeout => "worker passed its CAN_DO_TIMEOUT",
+        }
+    }
+}
+
+impl std::fmt::Display for RequeueReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A log line decided under the lock, written by [`Locked`] after it releases the lock.
+enum Deferred {
+    /// A connection was closed for not reading its packets.
+    OutboundFull { peer: SocketAddr },
+    /// A job was dropped after `engine.job_retries` attempts.
+    RetriesExhausted {
+        seq: u64,
+        attempts: u32,
+        why: RequeueReason,
+    },
+    /// A running foreground job lost its attempt and no client waits for it any more.
+    Abandoned { seq: u64, why: RequeueReason },
+    /// A running job went back to its queue.
+    Requeued { seq: u64, why: RequeueReason },
+    /// A recovered job was not restored: the function table is full.
+    NotRestored { seq: u64 },
+}
+
+impl Deferred {
+    /// Queues a debug-level line only when it would be written, so the job path allocates
+    /// nothing for lines nobody reads.
+    fn debug(log: &mut Vec<Deferred>, line: Deferred) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            log.push(line);
+        }
+    }
+
+    fn write(self, shared: &Shared) {
+        let handle = |seq| String::from_utf8_lossy(&shared.handle_of(seq)).into_owned();
+        match self {
+            Deferred::OutboundFull { peer } => tracing::warn!(
+                %peer,
+                "closing connection: its outbound queue is full (server.outbound_queue)"
+            ),
+            Deferred::RetriesExhausted { seq, attempts, why } => tracing::warn!(
+                handle = %handle(seq),
+                attempts,
+                "dropping job after {attempts} attempts ({why}; engine.job_retries)"
+            ),
+            Deferred::Abandoned { seq, why } => tracing::debug!(
+                handle = %handle(seq),
+                "dropped: {why}, and no client waits for it"
+            ),
+            Deferred::Requeued { seq, why } => {
+                tracing::debug!(handle = %handle(seq), "requeued: {why}")
+            }
+            Deferred::NotRestored { seq } => tracing::error!(
+                seq,
+                "cannot restore job: too many functions (engine.max_functions)"
+            ),
+        }
+    }
+}
+
+/// The engine lock, held. Dereferences to [`State`]; on drop it releases the lock first and
+/// then writes the log lines queued in `State::deferred`.
+struct Locked<'a> {
+    /// Always `Some` until drop takes it.
+    guard: Option<MutexGuard<'a, State>>,
+    shared: &'a Shared,
+}
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_deref().expect("held until drop")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_deref_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        if guard.deferred.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut guard.deferred);
+        drop(guard);
+        for line in lines {
+            line.write(self.shared);
+        }
+    }
+}
+
+/// Sends a server-initiated packet; a client that does not read its packets is disconnected
+/// rather than buffered without bound. NOOPs are droppable: a full queue already holds a wake-up.
+fn send(conn: &Conn, pkt: Bytes, droppable: bool, metrics: &Metrics, log: &mut Vec<Deferred>) {
+    match conn.tx.try_send(pkt) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) if droppable => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics.connections_overflowed.inc();
+            log.push(Deferred::OutboundFull { peer: conn.peer });
+            conn.kill.cancel();
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Sends one packet to each of `ids` that is still connected.
+fn send_each(
+    conns: &HashMap<ConnId, Conn>,
+    ids: &[ConnId],
+    pkt: &Bytes,
+    metrics: &Metrics,
+    log: &mut Vec<Deferred>,
+) {
+    for id in ids {
+        if let Some(c) = conns.get(id) {
+            send(c, pkt.clone(), false, metrics, log);
+        }
+    }
+}
+
+fn peer_info(id: ConnId, c: &Conn) -> PeerInfo<'_> {
+    PeerInfo {
+        conn: id,
+        peer: c.peer,
+        client_id: &c.client_id,
+    }
+}
+
+/// Appends `ERROR code text`.
+pub fn put_error(out: &mut BytesMut, e: &ProtocolError) {
+    put_response(
+        out,
+        PacketType::ERROR,
+        &[e.code.as_str().as_bytes(), e.text.as_bytes()],
+    );
+}
+
+impl Engine {
+    /// A new engine; `mirror` is the durable store, if persistence is on.
+    pub fn new(
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+        mirror: Option<Arc<dyn Mirror>>,
+        observer: Option<Arc<dyn JobObserver>>,
+    ) -> Self {
+        let handle_prefix = Bytes::from(format!("H:{}:", cfg.node_id));
+        Engine {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    jobs: Slab::new(),
+                    by_seq: SeqIndex::new(),
+                    uniques: HashTable::new(),
+                    hasher: Default::default(),
+                    functions: Slab::new(),
+                    function_ids: HashMap::default(),
+                    conns: HashMap::default(),
+                    next_conn: 1,
+                    next_seq: 1,
+                    timers: BinaryHeap::new(),
+                    deferred: Vec::new(),
+                }),
+                cfg,
+                handle_prefix,
+                clock: Clock::start(),
+                timer_wake: Notify::new(),
+                metrics,
+                mirror,
+                observer,
+            }),
+        }
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The settings the engine was started with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.cfg
+    }
+
+    /// Takes the engine lock. A panic under the lock leaves state that every step keeps
+    /// consistent on its own, so a poisoned lock is used rather than taking the server down.
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: Some(
+                self.shared
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ),
+            shared: &self.shared,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.shared.clock.now_ns()
+    }
+
+    /// The wire handle of a job sequence number.
+    pub fn handle_of(&self, seq: u64) -> Bytes {
+        self.shared.handle_of(seq)
+    }
+
+    fn seq_of(&self, handle: &[u8]) -> Option<u64> {
+        let rest = handle.strip_prefix(&self.shared.handle_prefix[..])?;
+        std::str::from_utf8(rest).ok()?.parse().ok()
+    }
+
+    /// Registers a connection; its server-initiated packets go to `tx`, and `kill` closes it.
+    pub fn connect(
+        &self,
+        peer: SocketAddr,
+        tx: mpsc::Sender<Bytes>,
+        kill: CancellationToken,
+    ) -> ConnId {
+        let mut st = self.lock();
+        let id = st.next_conn;
+        st.next_conn += 1;
+        st.conns.insert(
+            id,
+            Conn {
+                peer,
+                tx,
+                kill,
+                client_id: Bytes::from_static(b"-"),
+                abilities: Vec::new(),
+                sleeping: false,
+                sleep_gen: 0,
+                holding: Vec::new(),
+                waiting: Vec::new(),
+                exceptions: false,
+                rotate: 0,
+                is_client: false,
+            },
+        );
+        id
+    }
+
+    /// Forgets a connection: its jobs go back to the queue, its foreground-only queued jobs with
+    /// no other waiter are cancelled, and its waits end.
+    pub fn disconnect(&self, id: ConnId) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(conn) = st.conns.remove(&id) else {
+            return;
+        };
+        let now = self.now_ns();
+        for a in &conn.abilities {
+            if let Some(f) = st.functions.get_mut(a.func as usize) {
+                f.workers = f.workers.saturating_sub(1);
+            }
+        }
+        for (slot, seq) in conn.holding {
+            self.requeue(st, slot, seq, now, RequeueReason::Disconnected);
+        }
+        self.end_waits(st, id, &conn.waiting);
+        // A worker that was woken but left before grabbing must not strand queued work.
+        for a in &conn.abilities {
+            self.wake(st, a.func, 0);
+        }
+    }
+
+    /// A client left: it stops waiting on `waiting`, and a foreground job that nobody waits
+    /// for any more and that has not started is cancelled.
+    fn end_waits(&self, st: &mut State, id: ConnId, waiting: &[(u32, u64)]) {
+        for &(slot, seq) in waiting {
+            let Some(job) = st.jobs.get_mut(slot as usize).filter(|j| j.seq == seq) else {
+                continue;
+            };
+            if let Some(e) = job.extra.as_mut() {
+                e.waiters.retain(|&w| w != id);
+                e.pending_acks.retain(|&w| w != id);
+            }
+            let orphan = !job.background
+                && job.waiters().is_empty()
+                && matches!(job.state, job::JobState::Queued | job::JobState::Scheduled);
+            if orphan {
+                self.remove_job(st, slot, JobOutcome::Cancelled);
+            }
+        }
+    }
+
+    /// Handles SET_CLIENT_ID.
+    pub fn set_client_id(&self, conn: ConnId, id: Bytes) {
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.client_id = if id.is_empty() {
+                Bytes::from_static(b"-")
+            } else {
+                id
+            };
+        }
+    }
+
+    /// Handles OPTION_REQ; only `exceptions` exists.
+    pub fn set_option(&self, conn: ConnId, name: &Bytes) -> Result<(), ProtocolError> {
+        if &name[..] != b"exceptions" {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownOption,
+                format!("unknown option {:?}", String::from_utf8_lossy(name)),
+            ));
+        }
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.exceptions = true;
+            c.is_client = true;
+        }
+        Ok(())
+    }
+}
