@@ -472,7 +472,7 @@ fn refuse_while_draining(req: &Request, out: &mut BytesMut) -> bool {
             put_error(
                 out,
                 &ProtocolError::new(
-                    "QUEUE_ERROR",
+                    ErrorCode::QueueError,
                     "server is shutting down: submit the job to another server",
                 ),
             );

@@ -77,14 +77,12 @@ pub struct EngineConfig {
 }
 
 impl Default for EngineConfig {
+    /// The shipped defaults (`config/default.toml`, the one place they are written), with the
+    /// node id `gearhouse` instead of the host name.
     fn default() -> Self {
-        EngineConfig {
-            node_id: "gearhouse".into(),
-            job_retries: 0,
-            worker_wakeup: 1,
-            max_queue_per_function: 10_000_000,
-            max_functions: 10_000,
-        }
+        let mut c = crate::config::Config::default();
+        c.engine.node_id = "gearhouse".into();
+        c.engine_config()
     }
 }
 
