@@ -389,7 +389,10 @@ mod tests {
             .values()
             .map(|s| s.as_object().unwrap().len())
             .sum();
-        assert_eq!(checked, count, "every field has exactly one line in the file");
+        assert_eq!(
+            checked, count,
+            "every field has exactly one line in the file"
+        );
     }
 
     #[test]

@@ -140,7 +140,10 @@ pub async fn run(
         });
     }
     drop(listener);
-    let span = tracing::info_span!("gearhouse.shutdown", graceful = !shutdown.now.is_cancelled());
+    let span = tracing::info_span!(
+        "gearhouse.shutdown",
+        graceful = !shutdown.now.is_cancelled()
+    );
     drain(&engine, &shutdown, cfg.shutdown_timeout)
         .instrument(span)
         .await;
@@ -413,13 +416,13 @@ impl Connection {
                         return None;
                     }
                 };
-                // Answers written straight into the buffer are counted here; packets from
-                // other connections are counted in push_out.
+                // A request's own answer is at most one packet (JOB_CREATED, JOB_ASSIGN, NO_JOB,
+                // NOOP, STATUS_RES, ECHO_RES, OPTION_RES or ERROR): the buffer grew or it did
+                // not. Packets from other connections are counted in push_out.
                 let before = self.framed.write_buffer().len();
                 self.dispatch(req);
-                metrics
-                    .packets_out
-                    .inc_by(count_packets(&self.framed.write_buffer()[before..]));
+                let answered = self.framed.write_buffer().len() > before;
+                metrics.packets_out.inc_by(answered as u64);
                 None
             }
         }
@@ -486,16 +489,4 @@ fn refuse_while_draining(req: &Request, out: &mut BytesMut) -> bool {
         Request::PreSleep => true,
         _ => false,
     }
-}
-
-/// Number of whole binary packets in `buf` (which starts at a packet boundary).
-fn count_packets(buf: &[u8]) -> u64 {
-    let mut n = 0;
-    let mut i = 0;
-    while let Some(h) = buf.get(i..i + HEADER_LEN) {
-        let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
-        i += HEADER_LEN + len;
-        n += 1;
-    }
-    n
 }

@@ -72,7 +72,11 @@ async fn sigterm_lets_the_running_job_finish_and_its_result_reach_the_client() {
     other.send(SUBMIT_JOB, &[b"resize", b"", b"new"]).await;
     let refused = other.expect(ERROR).await;
     assert_eq!(refused.arg(0), "QUEUE_ERROR");
-    assert!(refused.arg(1).contains("shutting down"), "{}", refused.arg(1));
+    assert!(
+        refused.arg(1).contains("shutting down"),
+        "{}",
+        refused.arg(1)
+    );
     idle_worker.send(GRAB_JOB, &[]).await;
     idle_worker.expect(NO_JOB).await;
 
@@ -86,7 +90,11 @@ async fn sigterm_lets_the_running_job_finish_and_its_result_reach_the_client() {
     let status = exited_within(&mut server, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("still running after the job ended: {}", server.log_text()));
     assert!(status.success(), "exit {status}: {}", server.log_text());
-    assert!(sent.elapsed() < Duration::from_secs(3), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        sent.elapsed()
+    );
     let log = server.log_text();
     assert!(log.contains("draining"), "{log}");
     assert!(
@@ -124,7 +132,11 @@ async fn a_second_sigterm_stops_at_once() {
     let status = exited_within(&mut server, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("still running: {}", server.log_text()));
     assert!(status.success(), "exit {status}: {}", server.log_text());
-    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
     assert!(client.is_closed_within(Duration::from_secs(2)).await);
     assert!(server.log_text().contains("again: stopping at once"));
 }
@@ -138,7 +150,9 @@ async fn admin_shutdown_graceful_drains_and_plain_shutdown_does_not() {
     let mut admin = Conn::connect(addr).await;
     assert_eq!(admin.admin("shutdown graceful").await.trim(), "OK");
     assert!(exited_within(&mut server, Duration::from_millis(500)).is_none());
-    worker.send(WORK_COMPLETE, &[handle.as_bytes(), b"ok"]).await;
+    worker
+        .send(WORK_COMPLETE, &[handle.as_bytes(), b"ok"])
+        .await;
     client.expect(WORK_COMPLETE).await;
     let status = exited_within(&mut server, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("still running: {}", server.log_text()));
@@ -154,6 +168,10 @@ async fn admin_shutdown_graceful_drains_and_plain_shutdown_does_not() {
     let status = exited_within(&mut server, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("still running: {}", server.log_text()));
     assert!(status.success());
-    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
     assert!(client.is_closed_within(Duration::from_secs(2)).await);
 }
