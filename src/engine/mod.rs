@@ -164,8 +164,6 @@ enum RequeueReason {
     Disconnected,
     /// CANT_DO or RESET_ABILITIES for the job's function.
     GaveUpFunction,
-    /// The attempt outlived the worker's CAN_DO_TIMEOUT.
-    CanDoTimeout,
 }
 
 impl RequeueReason {
@@ -174,7 +172,6 @@ impl RequeueReason {
         match self {
             RequeueReason::Disconnected => "worker disconnected",
             RequeueReason::GaveUpFunction => "worker gave up the function",
-            RequeueReason::CanDoTimeout => "worker passed its CAN_DO_TIMEOUT",
         }
     }
 }
@@ -201,6 +198,8 @@ enum Deferred {
     Requeued { seq: u64, why: RequeueReason },
     /// A recovered job was not restored: the function table is full.
     NotRestored { seq: u64 },
+    /// A worker passed its CAN_DO_TIMEOUT: the job failed.
+    TimedOut { seq: u64, attempts: u32 },
 }
 
 impl Deferred {
@@ -231,6 +230,11 @@ impl Deferred {
             Deferred::Requeued { seq, why } => {
                 tracing::debug!(handle = %handle(seq), "requeued: {why}")
             }
+            Deferred::TimedOut { seq, attempts } => tracing::warn!(
+                handle = %handle(seq),
+                attempts,
+                "job failed: its worker passed its CAN_DO_TIMEOUT; clients got WORK_FAIL"
+            ),
             Deferred::NotRestored { seq } => tracing::error!(
                 seq,
                 "cannot restore job: too many functions (engine.max_functions)"

@@ -471,42 +471,50 @@ async fn the_timer_task_wakes_a_sleeping_worker_when_an_epoch_job_is_due() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_worker_past_its_can_do_timeout_loses_the_job() {
+async fn a_worker_past_its_can_do_timeout_fails_the_job() {
     let e = engine();
     let mut client = connect(&e);
     let slow = connect(&e);
     // Under 1000 ms counts as 1000 ms, as in gearmand.
     can_do(&e, &slow, "f", Some(200));
     let handle = created(&e, &client, job("f", "", "d", Priority::Normal, false));
+    tokio::time::advance(Duration::from_millis(250)).await;
     assert!(grab(&e, &slow).is_some());
 
     tokio::time::advance(Duration::from_millis(999)).await;
     e.fire_timers();
-    assert!(!e.jobs()[0].queued, "taken away before the timeout");
-
-    tokio::time::advance(Duration::from_millis(1)).await;
-    e.fire_timers();
-    let jobs = e.jobs();
-    assert_eq!((jobs[0].queued, jobs[0].attempts), (true, 1));
-    let late = work(&e, &slow, WorkKind::Complete, &handle, b"late");
-    assert_eq!(late[0].arg(0), b"JOB_NOT_FOUND");
+    assert_eq!(e.jobs().len(), 1, "failed before the timeout");
     assert!(client.received().is_empty());
 
-    // Another worker runs it; the queue wait it reports is on the same paused clock.
-    let quick = connect(&e);
-    can_do(&e, &quick, "f", None);
-    tokio::time::advance(Duration::from_millis(250)).await;
-    assert!(grab(&e, &quick).is_some());
-    let waited = stat(&e, "f").label;
-    let h = e.metrics().job_queued_seconds.with_label_values(&[&waited]);
-    assert_eq!(h.get_sample_count(), 2);
-    assert!(
-        (h.get_sample_sum() - 0.25).abs() < 1e-6,
-        "{}",
-        h.get_sample_sum()
+    // At the timeout the job fails (not requeued: a worker slower than its own timeout would
+    // take it again and again): the client gets WORK_FAIL, the late result JOB_NOT_FOUND.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    e.fire_timers();
+    assert!(e.jobs().is_empty());
+    let got = client.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].kind, PacketType::WORK_FAIL);
+    assert_eq!(got[0].arg(0), &handle[..]);
+    let late = work(&e, &slow, WorkKind::Complete, &handle, b"late");
+    assert_eq!(late[0].arg(0), b"JOB_NOT_FOUND");
+    let label = stat(&e, "f").label;
+    let m = e.metrics();
+    assert_eq!(m.jobs_timed_out.with_label_values(&[&label]).get(), 1);
+    assert_eq!(
+        m.jobs_failed
+            .with_label_values(&[&label, "normal", "foreground"])
+            .get(),
+        1
     );
-    work(&e, &quick, WorkKind::Complete, &handle, b"ok");
-    assert_eq!(client.received()[0].kind, PacketType::WORK_COMPLETE);
+    // Queue wait and run time on the same paused clock.
+    let waited = m.job_queued_seconds.with_label_values(&[&label]);
+    assert!((waited.get_sample_sum() - 0.25).abs() < 1e-6);
+    let ran = m.job_running_seconds.with_label_values(&[&label]);
+    assert!(
+        (ran.get_sample_sum() - 1.0).abs() < 1e-6,
+        "{}",
+        ran.get_sample_sum()
+    );
 }
 
 // ---- the durable mirror's acknowledgements ----

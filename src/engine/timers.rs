@@ -8,8 +8,10 @@ use std::cmp::Reverse;
 
 use tokio_util::sync::CancellationToken;
 
+use super::clock::secs_between;
 use super::job::JobState;
-use super::{Engine, RequeueReason, State};
+use super::{send_each, Deferred, Engine, JobOutcome, State};
+use crate::codec::{response, PacketType};
 
 /// What happens at a deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,7 +68,11 @@ impl Engine {
         }
     }
 
-    /// The worker still running this attempt loses it; the job goes back to its queue.
+    /// The worker running this attempt passed its CAN_DO_TIMEOUT. As the protocol text says,
+    /// the job fails and its clients get WORK_FAIL; its late result gets JOB_NOT_FOUND.
+    /// (gearmand 1.1 requeues it instead, so a worker slower than its own timeout takes the
+    /// same job again and again, its attempts climbing without end.) Workers that disconnect
+    /// or crash still have their jobs requeued, under `engine.job_retries`.
     fn work_timed_out(&self, st: &mut State, slot: u32, seq: u64, attempt: u32, now: u64) {
         let Some(job) = st.jobs.get(slot as usize).filter(|j| j.seq == seq) else {
             return;
@@ -80,7 +86,23 @@ impl Engine {
         if let Some(c) = st.conns.get_mut(&worker) {
             c.holding.retain(|&(s, q)| !(s == slot && q == seq));
         }
-        self.requeue(st, slot, seq, now, RequeueReason::CanDoTimeout);
+        let f = &mut st.functions[job.func as usize];
+        f.running = f.running.saturating_sub(1);
+        f.metrics
+            .running_seconds
+            .observe(secs_between(job.since_ns, now));
+        f.metrics.failed.inc(job.priority, job.background);
+        f.metrics.timed_out.inc();
+        st.deferred.push(Deferred::TimedOut {
+            seq,
+            attempts: job.attempts,
+        });
+        let pkt = response(PacketType::WORK_FAIL, &[&self.handle_of(seq)]);
+        let metrics = &self.shared.metrics;
+        send_each(&st.conns, job.waiters(), &pkt, metrics, &mut st.deferred);
+        // Still marked Running (its running count already released): remove_job leaves the
+        // queue counters alone.
+        self.remove_job(st, slot, JobOutcome::Fail);
     }
 
     /// Runs the timer loop (epoch jobs, worker timeouts) until `shutdown`.
