@@ -72,8 +72,10 @@ pub async fn run_with(
     ));
     if let Some(p) = &persistence {
         // Recovery completes before the Gearman listener accepts anyone.
+        // Until it does, clients are refused at once rather than left waiting.
         let started = tokio::select! {
             r = p.start(&engine, health.clone(), shutdown.clone()) => r,
+            never = server::refuse_while_recovering(&gearman, &engine) => match never {},
             _ = shutdown.cancelled() => Err(crate::persist::PersistError::Shutdown),
         };
         if let Err(e) = started {

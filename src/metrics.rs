@@ -262,7 +262,7 @@ impl Metrics {
             job_running_seconds: histogram_vec(&r, "gearhouse_job_running_seconds", "Time from assignment to the worker's final result", f),
             connections: gauge(&r, "gearhouse_connections", "Open connections"),
             connections_total: counter(&r, "gearhouse_connections_accepted_total", "Connections accepted"),
-            connections_refused: counter(&r, "gearhouse_connections_refused_total", "Connections closed at once because server.max_connections was reached"),
+            connections_refused: counter(&r, "gearhouse_connections_refused_total", "Connections closed at once: server.max_connections was reached, or the queue was still being recovered at start-up"),
             connections_overflowed: counter(&r, "gearhouse_connections_overflowed_total", "Connections closed because they did not read their packets (server.outbound_queue full)"),
             packets_in,
             packets_in_by_type,

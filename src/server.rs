@@ -152,6 +152,74 @@ pub async fn run(
     Ok(())
 }
 
+/// Most connections answered at once while the queue is being recovered; more wait in the
+/// listen backlog until one of these finishes.
+const MAX_REFUSING: usize = 256;
+
+/// Answers every connection on `listener` with a refusal until the future is dropped: used
+/// while start-up recovery reads the queue back from memcached, so clients are told at once
+/// (and libgearman fails over to its next server) instead of hanging in the listen backlog.
+/// A binary request gets `ERROR QUEUE_ERROR`, an admin line `ERR RECOVERING`; then the
+/// connection closes. Each answer waits at most 2 s for the peer's first byte.
+pub async fn refuse_while_recovering(
+    listener: &TcpListener,
+    engine: &Engine,
+) -> std::convert::Infallible {
+    let slots = Arc::new(Semaphore::new(MAX_REFUSING));
+    let metrics = engine.metrics().clone();
+    loop {
+        // The semaphore is never closed.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            continue;
+        };
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        metrics.connections_refused.inc();
+        tracing::debug!(%peer, "refusing connection: the queue is still being recovered");
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut first = [0u8; 1];
+            let read = stream.read(&mut first);
+            let binary = match tokio::time::timeout(Duration::from_secs(2), read).await {
+                Ok(Ok(1)) => first[0] == 0,
+                _ => true,
+            };
+            let mut out = BytesMut::new();
+            if binary {
+                put_error(
+                    &mut out,
+                    &ProtocolError::new(
+                        ErrorCode::QueueError,
+                        "gearhouse is recovering its queue from memcached: retry shortly or use another server",
+                    ),
+                );
+            } else {
+                out.extend_from_slice(
+                    b"ERR RECOVERING gearhouse+is+recovering+its+queue+from+memcached\r\n",
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&out)).await;
+            let _ = stream.shutdown().await;
+            // Read what the peer already sent before closing: closing with unread bytes
+            // resets the connection, and the reset can destroy the answer in flight.
+            let mut sink = [0u8; 4096];
+            let drain = async {
+                let mut left: usize = 64 * 1024;
+                while left > 0 {
+                    match stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            drop(permit);
+        });
+    }
+}
+
 /// Waits until no job is running or `timeout` has passed (or an immediate stop), then stops
 /// every connection.
 async fn drain(engine: &Engine, shutdown: &Shutdown, timeout: Duration) {
