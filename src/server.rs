@@ -346,33 +346,33 @@ impl Connection {
     }
 
     async fn run(&mut self, shutdown: &CancellationToken) -> Close {
+        // When the frame now arriving began; `None` while the read buffer is empty or holds
+        // only whole frames. A frame not complete `frame_timeout` after it began closes the
+        // connection.
         let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
-            let mid = self.framed.codec().is_mid_frame(self.framed.read_buffer());
-            partial_since = if mid {
-                partial_since.or(Some(tokio::time::Instant::now()))
-            } else {
-                None
+            let frame_timeout = self.cfg.frame_timeout;
+            let timeout = async move {
+                match partial_since {
+                    Some(t) => tokio::time::sleep_until(t + frame_timeout).await,
+                    None => std::future::pending().await,
+                }
             };
-            // With no frame started yet, one may begin while we wait inside `framed.next()`
-            // (which only returns complete frames), so look again after one period: a frame
-            // that never completes is closed within two periods.
-            let timeout = tokio::time::sleep_until(
-                partial_since.unwrap_or_else(tokio::time::Instant::now) + self.cfg.frame_timeout,
-            );
+            let started = partial_since.is_some();
             tokio::select! {
                 _ = self.kill.cancelled() => {
                     return if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed };
                 }
-                frame = self.framed.next() => {
-                    let Some(frame) = frame else { return Close::Peer };
-                    let frame = match frame {
-                        Ok(f) => f,
-                        Err(e) => return Close::Framing(e),
+                read = std::future::poll_fn(|cx| poll_read(&mut self.framed, started, cx)) => {
+                    let frame = match read {
+                        Read::Started => {
+                            partial_since = Some(tokio::time::Instant::now());
+                            continue;
+                        }
+                        Read::Frame(f) => f,
+                        Read::Failed(e) => return Close::Framing(e),
+                        Read::Eof => return Close::Peer,
                     };
-                    // A frame completed: whatever is buffered now belongs to a newer frame,
-                    // whose time starts now.
-                    partial_since = None;
                     if let Some(close) = self.handle(frame) {
                         return close;
                     }
@@ -389,6 +389,13 @@ impl Connection {
                             None => break,
                         }
                     }
+                    // A frame completed: bytes still buffered belong to a newer frame, whose
+                    // time starts now.
+                    partial_since = self
+                        .framed
+                        .codec()
+                        .is_mid_frame(self.framed.read_buffer())
+                        .then(tokio::time::Instant::now);
                     self.drain_outbound();
                     if let Some(close) = self.write_out(shutdown).await {
                         return close;
@@ -401,11 +408,7 @@ impl Connection {
                         return close;
                     }
                 }
-                _ = timeout => {
-                    if mid {
-                        return Close::Timeout;
-                    }
-                }
+                _ = timeout => return Close::Timeout,
             }
         }
     }
@@ -531,6 +534,36 @@ impl Connection {
             },
             Request::AllYours => {}
         }
+    }
+}
+
+/// What reading a connection produced.
+enum Read {
+    Frame(Frame),
+    /// The first bytes of a frame arrived (its time starts).
+    Started,
+    Failed(CodecError),
+    Eof,
+}
+
+/// Polls for the next whole frame, and also reports the moment a frame begins to arrive: the
+/// codec only yields whole frames, so without this a slow sender's first bytes would go
+/// unnoticed until some later wake-up, and `server.frame_timeout_ms` would be honoured only to
+/// within a whole extra period.
+fn poll_read(
+    framed: &mut Framed<TcpStream, GearmanCodec>,
+    started: bool,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<Read> {
+    use std::task::Poll;
+    match framed.poll_next_unpin(cx) {
+        Poll::Ready(Some(Ok(f))) => Poll::Ready(Read::Frame(f)),
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Read::Failed(e)),
+        Poll::Ready(None) => Poll::Ready(Read::Eof),
+        Poll::Pending if !started && framed.codec().is_mid_frame(framed.read_buffer()) => {
+            Poll::Ready(Read::Started)
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
