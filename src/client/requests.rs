@@ -15,13 +15,17 @@ use crate::protocol::Priority;
 /// the fields (an epoch makes SUBMIT_JOB_EPOCH, a reducer SUBMIT_REDUCE_JOB*).
 #[derive(Debug, Clone, Copy)]
 pub struct Job<'a> {
+    /// The function a worker registered with CAN_DO.
     pub function: &'a [u8],
     /// Empty: never coalesces with another job.
     pub unique: &'a [u8],
+    /// The workload, handed to the worker unchanged (NULs included).
     pub data: &'a [u8],
+    /// Ignored for jobs with an epoch or a reducer (their packets carry none).
     pub priority: Priority,
     /// Unix time (seconds) before which the job must not run; background only.
     pub epoch: Option<u64>,
+    /// Reducer function (SUBMIT_REDUCE_JOB*).
     pub reducer: Option<&'a [u8]>,
 }
 
@@ -48,16 +52,19 @@ impl<'a> Job<'a> {
         self
     }
 
+    /// Sets the priority (HIGH, NORMAL or LOW packet variants).
     pub fn priority(mut self, priority: Priority) -> Job<'a> {
         self.priority = priority;
         self
     }
 
+    /// Makes it a SUBMIT_JOB_EPOCH job, due at Unix time `epoch` (seconds).
     pub fn epoch(mut self, epoch: u64) -> Job<'a> {
         self.epoch = Some(epoch);
         self
     }
 
+    /// Makes it a SUBMIT_REDUCE_JOB* job with this reducer.
     pub fn reducer<R: AsRef<[u8]> + ?Sized>(mut self, reducer: &'a R) -> Job<'a> {
         self.reducer = Some(reducer.as_ref());
         self
@@ -90,11 +97,17 @@ impl<'a> Job<'a> {
 /// A WORK_* packet a foreground client receives about its job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkEvent {
+    /// WORK_DATA: partial output.
     Data(Bytes),
+    /// WORK_WARNING: a warning with data.
     Warning(Bytes),
+    /// WORK_STATUS: progress.
     Status { numerator: u64, denominator: u64 },
+    /// WORK_COMPLETE with the result (final).
     Complete(Bytes),
+    /// WORK_FAIL (final).
     Fail,
+    /// WORK_EXCEPTION with its data, sent only to clients that set OPTION_REQ exceptions (final).
     Exception(Bytes),
 }
 
