@@ -36,6 +36,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use gearhouse::client::Connection;
 
+/// Which scenario to run (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
     Background,
@@ -45,6 +46,7 @@ pub enum Mode {
     OtlpSink,
 }
 
+/// The unique ids clients submit with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UniqueMode {
     /// Empty unique ids: no coalescing, no unique index.
@@ -53,6 +55,8 @@ pub enum UniqueMode {
     Random,
 }
 
+// The command line: benches/README.md explains every flag and compare.sh relies on them (a doc
+// comment here would become clap's long help).
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "loadgen",
