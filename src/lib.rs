@@ -11,9 +11,12 @@
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
+//! - [`client`]: a small async Gearman client (pipelined connection, client and worker calls,
+//!   admin commands) used by `gearhouse recover`, the integration tests and the load generator.
 
 pub mod admin;
 pub mod app;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod engine;

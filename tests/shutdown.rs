@@ -6,12 +6,10 @@ mod common;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use common::{BinServer, Conn};
-use gearhouse::codec::{put_packet, Frame, GearmanCodec, PacketType, PacketType::*, MAGIC_REQ};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use gearhouse::client::{ClientError, Connection};
+use gearhouse::codec::{PacketType, PacketType::*};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::codec::Decoder;
 
 fn start() -> BinServer {
     BinServer::start(&[], &[("GEARHOUSE_ENGINE__NODE_ID", "sd")])
@@ -38,44 +36,28 @@ fn signal_and_wait(server: &mut BinServer, signal: i32, limit: Duration) -> (Exi
     }
 }
 
-/// A raw client whose socket has a tiny receive buffer, so the server's writes to it back up.
-struct SlowReader {
-    stream: TcpStream,
-    buf: BytesMut,
-    codec: GearmanCodec,
-}
+/// A client whose socket has a tiny receive buffer, so the server's writes to it back up.
+struct SlowReader(Connection);
 
 impl SlowReader {
     async fn connect(addr: std::net::SocketAddr) -> SlowReader {
         let sock = TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let stream = sock.connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        SlowReader {
-            stream,
-            buf: BytesMut::new(),
-            codec: GearmanCodec::new(64 << 20, 1 << 20),
-        }
+        SlowReader(Connection::from_stream(stream).unwrap())
     }
 
     async fn send(&mut self, kind: PacketType, args: &[&[u8]]) {
-        let mut b = BytesMut::new();
-        put_packet(&mut b, MAGIC_REQ, kind, args);
-        self.stream.write_all(&b).await.unwrap();
+        self.0.send(kind, args).await.unwrap();
     }
 
     /// The next packet, or `None` at EOF (panics after 10 s).
     async fn recv(&mut self) -> Option<(PacketType, bytes::Bytes)> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(Frame::Packet(p)) = self.codec.decode(&mut self.buf).unwrap() {
-                return Some((p.kind, p.body));
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {}
-                Err(_) => panic!("no packet and no EOF within 10 s"),
-            }
+        match tokio::time::timeout(Duration::from_secs(10), self.0.recv()).await {
+            Ok(Ok(p)) => Some((p.kind, p.body)),
+            Ok(Err(ClientError::Closed | ClientError::Io(_))) => None,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("no packet and no EOF within 10 s"),
         }
     }
 }

@@ -21,6 +21,7 @@ use super::record;
 use super::recovery::{Cluster, RangeScan};
 use super::ring::Ring;
 use super::{PersistError, Persistence};
+use crate::client::{with_timeout, ClientError, Connection, Job};
 use crate::engine::Engine;
 
 /// Takeover copies in flight at once.
@@ -131,102 +132,22 @@ pub struct TakeoverSummary {
     pub refused: u64,
 }
 
-struct GearConn {
-    stream: tokio::net::TcpStream,
-    buf: bytes::BytesMut,
-    codec: crate::codec::GearmanCodec,
-}
-
-impl GearConn {
-    async fn connect(addr: &str) -> Result<GearConn, String> {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to the gearhouse server at {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        Ok(GearConn {
-            stream,
-            buf: bytes::BytesMut::new(),
-            codec: crate::codec::GearmanCodec::new(64 << 20, 1 << 20),
-        })
+/// Submits one record as a background job through `c`, keeping its priority, unique, epoch and
+/// reducer; Ok(handle) once the server answered JOB_CREATED.
+async fn submit(
+    c: &mut Connection,
+    r: &crate::engine::JobRecord,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ClientError> {
+    let mut job = Job::new(&r.function, &r.data)
+        .unique(&r.unique)
+        .priority(r.priority);
+    if let Some(e) = r.epoch {
+        job = job.epoch(e);
+    } else if let Some(red) = &r.reducer {
+        job = job.reducer(red);
     }
-
-    /// Submits one record as a background job; Ok(handle) or Err(server's error text).
-    async fn submit(
-        &mut self,
-        r: &crate::engine::JobRecord,
-        timeout: std::time::Duration,
-    ) -> Result<Result<String, String>, String> {
-        use crate::codec::{put_packet, Frame, PacketType, MAGIC_REQ};
-        use crate::protocol::Priority;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio_util::codec::Decoder;
-        let mut out = bytes::BytesMut::new();
-        let epoch;
-        match (&r.epoch, &r.reducer) {
-            (Some(e), _) => {
-                epoch = e.to_string();
-                put_packet(
-                    &mut out,
-                    MAGIC_REQ,
-                    PacketType::SUBMIT_JOB_EPOCH,
-                    &[&r.function, &r.unique, epoch.as_bytes(), &r.data],
-                );
-            }
-            (None, Some(red)) => put_packet(
-                &mut out,
-                MAGIC_REQ,
-                PacketType::SUBMIT_REDUCE_JOB_BACKGROUND,
-                &[&r.function, &r.unique, red, &r.data],
-            ),
-            (None, None) => {
-                let kind = match r.priority {
-                    Priority::High => PacketType::SUBMIT_JOB_HIGH_BG,
-                    Priority::Normal => PacketType::SUBMIT_JOB_BG,
-                    Priority::Low => PacketType::SUBMIT_JOB_LOW_BG,
-                };
-                put_packet(
-                    &mut out,
-                    MAGIC_REQ,
-                    kind,
-                    &[&r.function, &r.unique, &r.data],
-                );
-            }
-        }
-        let work = async {
-            self.stream
-                .write_all(&out)
-                .await
-                .map_err(|e| e.to_string())?;
-            loop {
-                match self
-                    .codec
-                    .decode(&mut self.buf)
-                    .map_err(|e| e.to_string())?
-                {
-                    Some(Frame::Packet(p)) if p.kind == PacketType::JOB_CREATED => {
-                        return Ok(Ok(String::from_utf8_lossy(&p.body).into_owned()))
-                    }
-                    Some(Frame::Packet(p)) if p.kind == PacketType::ERROR => {
-                        return Ok(Err(String::from_utf8_lossy(&p.body).replace('\0', " ")))
-                    }
-                    Some(_) => continue,
-                    None => {}
-                }
-                if self
-                    .stream
-                    .read_buf(&mut self.buf)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    == 0
-                {
-                    return Err("the gearhouse server closed the connection".to_string());
-                }
-            }
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
-    }
+    with_timeout(timeout, c.submit_background(&job)).await
 }
 
 /// Moves `from_node`'s queue into a running server through the Gearman protocol: each record
@@ -252,11 +173,12 @@ pub async fn recover_into_server(t: &RemoteTakeover) -> Result<TakeoverSummary, 
     }
     let mut conns = Vec::new();
     for _ in 0..t.parallel.max(1) {
-        conns.push(
-            GearConn::connect(&t.server)
-                .await
-                .map_err(PersistError::Recovery)?,
-        );
+        conns.push(Connection::connect(t.server.as_str()).await.map_err(|e| {
+            PersistError::Recovery(format!(
+                "cannot connect to the gearhouse server at {}: {e}",
+                t.server
+            ))
+        })?);
     }
     let mut scan = RangeScan::begin(&mut cl, &s, from, "takeover").await?;
     let mut sum = TakeoverSummary::default();
@@ -267,9 +189,11 @@ pub async fn recover_into_server(t: &RemoteTakeover) -> Result<TakeoverSummary, 
             |(c, part)| async move {
                 let mut done = Vec::new();
                 for f in part {
-                    let r = c.submit(&f.record, t.timeout).await;
+                    let r = submit(c, &f.record, t.timeout).await;
+                    // A refusal leaves the connection usable; anything else ends this part.
+                    let broken = matches!(&r, Err(e) if !e.is_refusal());
                     done.push((f.record.seq, r));
-                    if matches!(done.last(), Some((_, Err(_)))) {
+                    if broken {
                         break;
                     }
                 }
@@ -281,13 +205,13 @@ pub async fn recover_into_server(t: &RemoteTakeover) -> Result<TakeoverSummary, 
         let mut broken = None;
         for (seq, r) in results.into_iter().flatten() {
             match r {
-                Ok(Ok(_)) => {
+                Ok(_) => {
                     sum.moved += 1;
                     old_keys.push(record::job_key(&s.namespace, from, seq));
                 }
-                Ok(Err(e)) => {
+                Err(e) if e.is_refusal() => {
                     sum.refused += 1;
-                    first_error.get_or_insert(e);
+                    first_error.get_or_insert(e.to_string());
                 }
                 Err(e) => broken = Some(e),
             }
