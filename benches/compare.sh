@@ -66,7 +66,7 @@ LOADGEN=$(sed -n 's/.*Executable .*(\(.*\)).*/\1/p' "$OUT/build.log" | tail -1)
 [ -x "$LOADGEN" ] || LOADGEN=$ROOT/$LOADGEN
 [ -x "$LOADGEN" ] || { echo "cannot find the loadgen executable" >&2; exit 1; }
 # Copies, so a rebuild by someone else during the run cannot swap binaries under us.
-cp target/release/gearhouse "$OUT/gearhouse"
+cp "${CARGO_TARGET_DIR:-target}/release/gearhouse" "$OUT/gearhouse"
 cp "$LOADGEN" "$OUT/loadgen"
 GH_BIN=$OUT/gearhouse
 LG=$OUT/loadgen
