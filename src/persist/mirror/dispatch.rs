@@ -1,5 +1,10 @@
 //! Dispatch: picking nodes for a record write and queueing its ops on the writers' channels,
 //! deletes, moving an op off a failed node, and finishing a write once every op answered.
+//!
+//! `dispatch_write` and `dispatch_delete` run under the engine's lock and the state lock:
+//! they only reserve channel room, mark the window and count; they never wait and never log
+//! (dropped deletes are logged by the prober, jobs accepted in memory only by the completion
+//! task).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,50 +12,47 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::error::{NodeFailure, Shortfall, WriteError};
 use super::window::{LIVE, PENDING};
-use super::{Completion, Inner, JobWrite, Op, State, WriteKind, MAX_PENDING_DELETES};
-use crate::persist::{record, ring};
+use super::{Completion, Inner, JobWrite, Op, State, TakeoverDone, WriteKind, MAX_PENDING_DELETES};
+use crate::persist::{lock, record, ring};
 
 impl Inner {
-    /// Why a job cannot get `replicas` copies right now.
-    pub(super) fn not_enough_nodes(&self, have: usize) -> String {
+    /// Why a job cannot get `replicas` copies right now, with `have` nodes usable.
+    pub(super) fn shortfall(&self, have: usize) -> Shortfall {
         let down: Vec<String> = self
             .nodes
             .iter()
             .filter(|n| !n.up.load(Ordering::SeqCst))
-            .map(|n| format!("{} ({})", n.addr, n.reason.lock().unwrap()))
+            .map(|n| format!("{} ({})", n.addr, lock(&n.reason)))
             .collect();
-        format!(
-            "cannot make the job durable: {} copies needed (persistence.replicas) but only {have} of {} memcached nodes are up; down: {}; start them or lower persistence.replicas",
-            self.s.replicas,
-            self.nodes.len(),
-            down.join(", ")
-        )
+        Shortfall {
+            have,
+            need: self.s.replicas,
+            total: self.nodes.len(),
+            down: down.join(", "),
+        }
     }
 
-    /// Picks nodes and queues the ops of one record write. On refusal returns the reason (and
-    /// the completion sender back).
-    #[allow(clippy::type_complexity)]
+    /// Picks nodes and queues the ops of one record write. On refusal returns why (and the
+    /// takeover's completion sender back).
     pub(super) fn dispatch_write(
         &self,
         st: &mut State,
         seq: u64,
         value: Bytes,
         kind: WriteKind,
-        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    ) -> Result<
-        (),
-        (
-            String,
-            Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-        ),
-    > {
+        done: Option<TakeoverDone>,
+    ) -> Result<(), (WriteError, Option<TakeoverDone>)> {
         let key = record::job_key(&self.s.namespace, &self.s.node_id, seq);
         let h = ring::hash(&key);
         let targets = self.ring.pick(h, self.s.replicas, |n| self.is_up(n));
         let best_effort = kind == WriteKind::BestEffort;
         if targets.len() < self.s.replicas && !best_effort {
-            return Err((self.not_enough_nodes(targets.len()), done));
+            return Err((
+                WriteError::NotEnoughNodes(self.shortfall(targets.len())),
+                done,
+            ));
         }
         let conn = (seq % self.s.connections_per_node as u64) as usize;
         // Reserve room on every target first, so a job is never half-queued.
@@ -59,14 +61,15 @@ impl Inner {
             match self.nodes[t].conns[conn].try_reserve() {
                 Ok(p) => permits.push(p),
                 Err(_) => {
+                    let n = &self.nodes[t];
+                    n.failures[NodeFailure::QueueFull as usize].inc();
                     if best_effort {
                         continue;
                     }
                     return Err((
-                        format!(
-                            "memcached {} is not keeping up: its write queue is full (persistence.max_pending_writes); retry later or add memcached capacity",
-                            self.nodes[t].addr
-                        ),
+                        WriteError::QueueFull {
+                            node: n.addr.clone(),
+                        },
                         done,
                     ));
                 }
@@ -98,10 +101,9 @@ impl Inner {
             self.pending.fetch_add(1, Ordering::SeqCst);
         }
         if permits.is_empty() {
-            // Best effort with no node reachable: accepted in memory only.
-            self.metrics.not_durable.inc();
-            self.log_not_durable(&self.not_enough_nodes(0));
-            let _ = self.immediate_tx.send((seq, Ok(())));
+            // Best effort with no node reachable: accepted in memory only (counted, logged and
+            // reported by the completion task).
+            let _ = self.in_memory_tx.send(seq);
             return Ok(());
         }
         let now = Instant::now();
@@ -114,14 +116,21 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn log_not_durable(&self, why: &str) {
-        // At most one line a second.
+    /// Logs a job accepted in memory only, at most once a second (`None`: no node took it).
+    pub(super) fn log_not_durable(&self, why: Option<&WriteError>) {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if self.not_durable_logged.swap(secs, Ordering::Relaxed) != secs {
-            tracing::error!("accepting a background job in memory only (persistence.on_failure = accept_in_memory): {why}");
+        if self.not_durable_logged.swap(secs, Ordering::Relaxed) == secs {
+            return;
+        }
+        match why {
+            Some(why) => tracing::error!("accepting a background job in memory only (persistence.on_failure = accept_in_memory): {why}"),
+            None => tracing::error!(
+                "accepting a background job in memory only (persistence.on_failure = accept_in_memory): {}",
+                self.shortfall(self.up_count())
+            ),
         }
     }
 
@@ -140,9 +149,11 @@ impl Inner {
             if !sent {
                 let list = &mut st.pending_deletes[i];
                 if list.len() >= MAX_PENDING_DELETES {
-                    list.drain(..list.len() / 2);
-                    tracing::error!(node = %self.nodes[i].addr,
-                        "too many deletes waiting for this memcached node; finished jobs kept there may run again after a restart");
+                    let dropped = list.len() / 2;
+                    list.drain(..dropped);
+                    self.nodes[i]
+                        .dropped_deletes
+                        .fetch_add(dropped as u64, Ordering::Relaxed);
                 }
                 list.push(seq);
             }
@@ -151,7 +162,7 @@ impl Inner {
 
     /// A job write finished on every node it was sent to.
     pub(super) fn finish(&self, job: &JobWrite, completions: &mut Vec<Completion>) {
-        let error = job.error.lock().unwrap().take();
+        let error = lock(&job.error).take();
         let copies = job.copies.load(Ordering::SeqCst) as usize;
         match job.kind {
             WriteKind::Submit => {
@@ -162,14 +173,15 @@ impl Inner {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 if copies < self.s.replicas {
                     self.metrics.not_durable.inc();
-                    self.log_not_durable(error.as_deref().unwrap_or("too few memcached nodes"));
+                    self.log_not_durable(error.as_ref());
                 }
                 completions.push((job.seq, Ok(())));
             }
             WriteKind::Takeover => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
-                if let Some(tx) = job.done_slot.lock().unwrap().take() {
-                    let _ = tx.send(error.map_or(Ok(()), Err));
+                let done = lock(&job.done_slot).take();
+                if let Some(tx) = done {
+                    let _ = tx.send(error.map_or(Ok(()), |e| Err(e.to_string())));
                 }
             }
             WriteKind::Repair => {}

@@ -5,7 +5,8 @@
 //! Shape:
 //! - `write`/`delete` run under the engine's lock: they pick nodes, note the job in the live
 //!   window and hand ops to per-connection writer tasks through bounded channels (a full
-//!   channel refuses the write; nothing here waits).
+//!   channel refuses the write; nothing here waits, and nothing here logs: what needs a log
+//!   line is handed to a task).
 //! - One writer task per memcached connection takes up to `max_batch` queued ops, sends them
 //!   in one write headed by this connection's watermark key, reads the in-order replies and
 //!   then reports confirmed jobs to the engine ([`Engine::persisted`]). A job's ops always use
@@ -17,41 +18,51 @@
 //!   restarted empty, eviction settings and counters); the repair task rewrites copies that
 //!   were lost so each live job has `replicas` again.
 //!
-//! The live window holds 6 bytes per sequence number from the low watermark to the highest
-//! written: whether the job is live, which nodes may hold a copy (deletes go to all of them),
-//! which confirmed one.
+//! Files: [`window`] (the live window), [`dispatch`] (write and delete dispatch, reroute,
+//! finish), [`writer`] (the writer task), [`prober`] (node health), [`repairer`] (lost
+//! copies), [`error`] (why a write failed), [`throttle`] (rate-limited warnings), [`status`]
+//! (`/api/v1/status`). Outcomes are [`WriteError`] values inside the mirror and become text
+//! only at the engine's seam ([`crate::engine::MirrorRefused`]).
 
 mod dispatch;
+mod error;
 mod prober;
 mod repairer;
 mod status;
+mod throttle;
 mod window;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::{Histogram, IntCounter};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::PersistMetrics;
 use super::record::{self, Origin};
 use super::ring::Ring;
-use super::Settings;
+use super::{lock, Settings};
+use crate::config::OnFailure;
 use crate::engine::{Engine, JobRecord, Mirror, MirrorRefused};
 use crate::http::Health;
+use throttle::Throttle;
 use window::{Window, LIVE};
 
+pub use error::{NodeFailure, Shortfall, WriteError};
 pub(super) use prober::probe;
 
 /// Most nodes a cluster may have (node sets are 16-bit masks; one bit is reserved).
 pub const MAX_NODES: usize = 15;
 
-/// A job write's outcome for the engine: `(seq, Ok | Err(reason))`.
-type Completion = (u64, Result<(), String>);
+/// A job write's outcome for the engine.
+type Completion = (u64, Result<(), WriteError>);
+
+/// Where a takeover copy's outcome goes (text: the takeover's own seam).
+type TakeoverDone = oneshot::Sender<Result<(), String>>;
 
 /// Why a write was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,9 +89,10 @@ struct JobWrite {
     tried: AtomicU32,
     /// Copies confirmed.
     copies: AtomicU32,
-    error: Mutex<Option<String>>,
+    /// The first failure (the one the client hears about).
+    error: Mutex<Option<WriteError>>,
     /// Completion of a takeover copy.
-    done_slot: Mutex<Option<tokio::sync::oneshot::Sender<Result<(), String>>>>,
+    done_slot: Mutex<Option<TakeoverDone>>,
 }
 
 enum Op {
@@ -89,7 +101,8 @@ enum Op {
 }
 
 struct Node {
-    addr: String,
+    /// `host:port`, shared with the errors that name it.
+    addr: Arc<str>,
     up: AtomicBool,
     /// Why it is down (shown in refusals, logs and /api/v1/status).
     reason: Mutex<String>,
@@ -103,12 +116,48 @@ struct Node {
     delete_s: Histogram,
     write_errors: IntCounter,
     delete_errors: IntCounter,
+    /// `gearhouse_memcached_write_failures_total` by [`NodeFailure`].
+    failures: [IntCounter; NodeFailure::ALL.len()],
+    /// WARN lines about refusals, by [`NodeFailure`].
+    warnings: [Throttle; NodeFailure::ALL.len()],
+    /// Deletes dropped because too many waited for this node (logged by the prober).
+    dropped_deletes: AtomicU64,
     /// Last probe figures for the status JSON.
     evictions: AtomicU64,
     can_evict: AtomicBool,
     items: AtomicU64,
     bytes: AtomicU64,
     limit_bytes: AtomicU64,
+}
+
+impl Node {
+    /// A node not contacted yet, with its metric series created (at 0, so that `increase()`
+    /// sees the first event and dashboards have a series on a healthy server).
+    fn new(addr: &str, conns: Vec<mpsc::Sender<Op>>, metrics: &PersistMetrics) -> Node {
+        metrics.init_node(addr);
+        Node {
+            addr: Arc::from(addr),
+            up: AtomicBool::new(false),
+            reason: Mutex::new("not contacted yet".into()),
+            down_since: Mutex::new(Some(Instant::now())),
+            identity: Mutex::new(None),
+            conns,
+            gen: AtomicU64::new(0),
+            write_s: metrics.write_seconds.with_label_values(&[addr]),
+            delete_s: metrics.delete_seconds.with_label_values(&[addr]),
+            write_errors: metrics.errors.with_label_values(&[addr, "write"]),
+            delete_errors: metrics.errors.with_label_values(&[addr, "delete"]),
+            failures: NodeFailure::ALL
+                .map(|f| metrics.write_failures.with_label_values(&[addr, f.label()])),
+            warnings: NodeFailure::ALL.map(|_| Throttle::default()),
+            dropped_deletes: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            can_evict: AtomicBool::new(false),
+            items: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            limit_bytes: AtomicU64::new(0),
+        }
+    }
 }
 
 struct State {
@@ -127,7 +176,10 @@ pub(super) struct Inner {
     pub(super) s: Settings,
     ring: Ring,
     nodes: Vec<Node>,
+    /// Read by every writer per batch, written twice (attach, detach).
     engine: RwLock<Option<Engine>>,
+    /// The window and pending deletes: plain data changed under the engine's lock (dispatch)
+    /// and once per batch by the writers, never held across an `.await`.
     state: Mutex<State>,
     /// Submit writes in flight (bounded by `max_pending_writes`).
     pending: AtomicUsize,
@@ -136,16 +188,20 @@ pub(super) struct Inner {
     low: AtomicU64,
     high: AtomicU64,
     receivers: Mutex<Vec<(usize, usize, mpsc::Receiver<Op>)>>,
-    immediate_tx: mpsc::UnboundedSender<Completion>,
-    immediate_rx: Mutex<Option<mpsc::UnboundedReceiver<Completion>>>,
+    /// Jobs accepted in memory only at dispatch (no node up, `accept_in_memory`): the
+    /// completion task counts, logs and reports them, outside the engine's lock.
+    in_memory_tx: mpsc::UnboundedSender<u64>,
+    in_memory_rx: Mutex<Option<mpsc::UnboundedReceiver<u64>>>,
     repair_wake: Notify,
     started: AtomicBool,
     not_durable_logged: AtomicU64,
-    health: std::sync::OnceLock<Arc<Health>>,
-    /// Deletes held back by writers (see `DELETE_DELAY`).
+    health: OnceLock<Arc<Health>>,
+    /// Deletes held back by writers (see `writer::DELETE_DELAY`).
     deferred: AtomicUsize,
     /// Set at shutdown: writers send held-back deletes at once.
     flushing: AtomicBool,
+    /// The zero of [`Inner::clock_ms`].
+    epoch: Instant,
 }
 
 /// The memcached mirror (cheap to clone).
@@ -171,28 +227,10 @@ impl MemcachedMirror {
                         tx
                     })
                     .collect();
-                metrics.node_up.with_label_values(&[addr]).set(0);
-                Node {
-                    addr: addr.clone(),
-                    up: AtomicBool::new(false),
-                    reason: Mutex::new("not contacted yet".into()),
-                    down_since: Mutex::new(Some(Instant::now())),
-                    identity: Mutex::new(None),
-                    conns,
-                    gen: AtomicU64::new(0),
-                    write_s: metrics.write_seconds.with_label_values(&[addr]),
-                    delete_s: metrics.delete_seconds.with_label_values(&[addr]),
-                    write_errors: metrics.errors.with_label_values(&[addr, "write"]),
-                    delete_errors: metrics.errors.with_label_values(&[addr, "delete"]),
-                    evictions: AtomicU64::new(0),
-                    can_evict: AtomicBool::new(false),
-                    items: AtomicU64::new(0),
-                    bytes: AtomicU64::new(0),
-                    limit_bytes: AtomicU64::new(0),
-                }
+                Node::new(addr, conns, &metrics)
             })
             .collect();
-        let (immediate_tx, immediate_rx) = mpsc::unbounded_channel();
+        let (in_memory_tx, in_memory_rx) = mpsc::unbounded_channel();
         let n = s.nodes.len();
         MemcachedMirror {
             inner: Arc::new(Inner {
@@ -210,26 +248,27 @@ impl MemcachedMirror {
                 low: AtomicU64::new(1),
                 high: AtomicU64::new(0),
                 receivers: Mutex::new(receivers),
-                immediate_tx,
-                immediate_rx: Mutex::new(Some(immediate_rx)),
+                in_memory_tx,
+                in_memory_rx: Mutex::new(Some(in_memory_rx)),
                 repair_wake: Notify::new(),
                 started: AtomicBool::new(false),
                 not_durable_logged: AtomicU64::new(0),
-                health: std::sync::OnceLock::new(),
+                health: OnceLock::new(),
                 deferred: AtomicUsize::new(0),
                 flushing: AtomicBool::new(false),
+                epoch: Instant::now(),
             }),
         }
     }
 
     /// Gives the mirror the engine it reports to.
     pub fn attach(&self, engine: Engine) {
-        *self.inner.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(engine);
+        self.inner.set_engine(Some(engine));
     }
 
     /// Breaks the engine ↔ mirror reference cycle at shutdown.
     pub fn detach(&self) {
-        *self.inner.engine.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.set_engine(None);
     }
 
     /// Job writes waiting for memcached.
@@ -242,7 +281,7 @@ impl MemcachedMirror {
         let inner = &self.inner;
         match up {
             Ok(identity) => {
-                *inner.nodes[i].identity.lock().unwrap() = Some(identity);
+                *lock(&inner.nodes[i].identity) = Some(identity);
                 inner.mark_up(i);
             }
             Err(why) => inner.mark_down(i, &why),
@@ -253,7 +292,7 @@ impl MemcachedMirror {
     /// nodes where it was read back. Called before [`Engine::restore`], which may delete
     /// duplicates through the mirror.
     pub(super) fn note_recovered(&self, jobs: &[(u64, u16, u16)]) {
-        let mut st = self.inner.lock();
+        let mut st = self.inner.state();
         for &(seq, may, ok) in jobs {
             let s = st.window.entry(seq);
             s.flags = LIVE;
@@ -264,7 +303,7 @@ impl MemcachedMirror {
 
     /// Sets the watermarks after recovery (`high` = highest sequence number seen anywhere).
     pub(super) fn set_watermarks(&self, high: u64) {
-        let mut st = self.inner.lock();
+        let mut st = self.inner.state();
         st.high = st.high.max(high);
         if st.window.slots.is_empty() {
             st.window.base = st.high + 1;
@@ -289,19 +328,13 @@ impl MemcachedMirror {
         }
         let _ = inner.health.set(health.clone());
         inner.refresh_health();
-        for (node, conn, rx) in inner.receivers.lock().unwrap().drain(..) {
+        let receivers = std::mem::take(&mut *lock(&inner.receivers));
+        for (node, conn, rx) in receivers {
             tokio::spawn(writer::writer(inner.clone(), node, conn, rx));
         }
-        if let Some(mut rx) = inner.immediate_rx.lock().unwrap().take() {
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                while let Some((seq, r)) = rx.recv().await {
-                    inner.pending.fetch_sub(1, Ordering::SeqCst);
-                    if let Some(e) = inner.engine() {
-                        e.persisted(seq, r.map_err(MirrorRefused));
-                    }
-                }
-            });
+        let in_memory = lock(&inner.in_memory_rx).take();
+        if let Some(rx) = in_memory {
+            tokio::spawn(report_in_memory(inner.clone(), rx));
         }
         tokio::spawn(prober::prober(inner.clone(), health, shutdown.clone()));
         tokio::spawn(repairer::repairer(inner.clone(), shutdown));
@@ -319,23 +352,23 @@ impl MemcachedMirror {
     }
 
     /// Writes a record taken over from another node under this node's keys, with `replicas`
-    /// copies; resolves once all are confirmed (or one failed).
+    /// copies; resolves once all are confirmed (or one failed, with why).
     pub(super) fn write_takeover(
         &self,
         r: &JobRecord,
         origin: &Origin,
-    ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    ) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
         let inner = &self.inner;
-        let mut st = inner.lock();
         let value = record::encode(r, Some(origin));
-        match inner.dispatch_write(&mut st, r.seq, value, WriteKind::Takeover, Some(tx)) {
-            Ok(()) => {}
-            Err((why, tx)) => {
-                if let Some(tx) = tx {
-                    let _ = tx.send(Err(why));
-                }
-            }
+        let refused = {
+            let mut st = inner.state();
+            inner
+                .dispatch_write(&mut st, r.seq, value, WriteKind::Takeover, Some(tx))
+                .err()
+        };
+        if let Some((why, Some(tx))) = refused {
+            let _ = tx.send(Err(why.to_string()));
         }
         rx
     }
@@ -351,16 +384,41 @@ impl MemcachedMirror {
     }
 }
 
+/// Reports jobs accepted in memory only at dispatch: counted, logged (at most once a second)
+/// and confirmed to the engine, all outside the engine's lock.
+async fn report_in_memory(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<u64>) {
+    while let Some(seq) = rx.recv().await {
+        inner.pending.fetch_sub(1, Ordering::SeqCst);
+        inner.metrics.not_durable.inc();
+        inner.log_not_durable(None);
+        if let Some(e) = inner.engine() {
+            e.persisted(seq, Ok(()));
+        }
+    }
+}
+
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The window and pending deletes.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
+    /// The engine to report to (`None` before `attach` and after `detach`). Like [`lock`],
+    /// a poisoned lock is recovered: it holds a plain handle.
     fn engine(&self) -> Option<Engine> {
         self.engine
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn set_engine(&self, engine: Option<Engine>) {
+        *self.engine.write().unwrap_or_else(|p| p.into_inner()) = engine;
+    }
+
+    /// Milliseconds since the mirror was created (the clock of rate-limited warnings).
+    fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn is_up(&self, i: usize) -> bool {
@@ -389,8 +447,8 @@ impl Inner {
             return;
         };
         let up = self.up_count();
-        if up < self.s.replicas && !self.s.accept_in_memory {
-            health.set_not_durable(Some(self.not_enough_nodes(up)));
+        if up < self.s.replicas && self.s.on_failure == OnFailure::Refuse {
+            health.set_not_durable(Some(self.shortfall(up).to_string()));
         } else {
             health.set_not_durable(None);
         }
@@ -401,26 +459,25 @@ impl Mirror for MemcachedMirror {
     fn write(&self, record: JobRecord) -> Result<(), MirrorRefused> {
         let inner = &self.inner;
         if inner.pending.load(Ordering::SeqCst) >= inner.s.max_pending_writes {
-            return Err(MirrorRefused(format!(
-                "{} job writes are already waiting for memcached (persistence.max_pending_writes); memcached is slower than the submit rate: retry later or add memcached capacity",
-                inner.s.max_pending_writes
-            )));
+            return Err(WriteError::TooManyPending {
+                limit: inner.s.max_pending_writes,
+            }
+            .into());
         }
-        let kind = if inner.s.accept_in_memory {
-            WriteKind::BestEffort
-        } else {
-            WriteKind::Submit
+        let kind = match inner.s.on_failure {
+            OnFailure::AcceptInMemory => WriteKind::BestEffort,
+            OnFailure::Refuse => WriteKind::Submit,
         };
         let value = record::encode(&record, None);
-        let mut st = inner.lock();
+        let mut st = inner.state();
         inner
             .dispatch_write(&mut st, record.seq, value, kind, None)
-            .map_err(|(why, _)| MirrorRefused(why))
+            .map_err(|(why, _)| why.into())
     }
 
     fn delete(&self, seq: u64) {
         let inner = &self.inner;
-        let mut st = inner.lock();
+        let mut st = inner.state();
         let nodes = match st.window.get_mut(seq) {
             Some(s) => {
                 s.flags &= !LIVE;
@@ -432,5 +489,94 @@ impl Mirror for MemcachedMirror {
         inner.dispatch_delete(&mut st, seq, nodes);
         st.window.trim();
         inner.publish_watermarks(&st);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::metrics::ERROR_OPS;
+    use crate::protocol::Priority;
+
+    const NODES: [&str; 2] = ["10.0.0.1:11211", "10.0.0.2:11211"];
+
+    /// A mirror of two nodes nobody contacted yet (no I/O: nothing is started).
+    fn mirror() -> (MemcachedMirror, prometheus::Registry) {
+        let cfg = crate::config::Config::default();
+        let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
+        let s = Settings::build(&cfg, &nodes).unwrap();
+        let registry = prometheus::Registry::new();
+        let m = MemcachedMirror::new(s, Arc::new(PersistMetrics::new(&registry)));
+        (m, registry)
+    }
+
+    fn exposition(registry: &prometheus::Registry) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn every_node_series_exists_at_zero_before_anything_happens() {
+        let (_m, registry) = mirror();
+        let text = exposition(&registry);
+        for node in NODES {
+            let mut expected: Vec<String> = NodeFailure::ALL
+                .iter()
+                .map(|f| {
+                    format!(
+                        "gearhouse_memcached_write_failures_total{{node=\"{node}\",reason=\"{}\"}} 0",
+                        f.label()
+                    )
+                })
+                .collect();
+            expected.extend(ERROR_OPS.iter().map(|op| {
+                format!("gearhouse_memcached_errors_total{{node=\"{node}\",op=\"{op}\"}} 0")
+            }));
+            expected.push(format!("gearhouse_memcached_node_up{{node=\"{node}\"}} 0"));
+            expected.push(format!(
+                "gearhouse_memcached_evictions{{node=\"{node}\"}} 0"
+            ));
+            expected.push(format!(
+                "gearhouse_memcached_write_seconds_count{{node=\"{node}\"}} 0"
+            ));
+            for series in expected {
+                assert!(text.lines().any(|l| l == series), "no {series} in\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_write_without_enough_nodes_is_refused_with_what_to_do() {
+        let (m, registry) = mirror();
+        let refused = m
+            .write(JobRecord {
+                seq: 7,
+                function: Bytes::from_static(b"f"),
+                unique: Bytes::new(),
+                data: Bytes::from_static(b"d"),
+                priority: Priority::Normal,
+                epoch: None,
+                reducer: None,
+                attempts: 0,
+            })
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            refused,
+            "cannot make the job durable: 2 copies needed (persistence.replicas) but only 0 of 2 memcached nodes are up; down: 10.0.0.1:11211 (not contacted yet), 10.0.0.2:11211 (not contacted yet); start them or lower persistence.replicas"
+        );
+        // Nothing was queued or counted against a node.
+        assert_eq!(m.pending(), 0);
+        assert!(m.inner.state().window.get(7).is_none());
+        assert!(!exposition(&registry).lines().any(|l| l
+            .starts_with("gearhouse_memcached_write_failures_total")
+            && !l.ends_with(" 0")));
+        let status = m.status_json();
+        assert_eq!(status["on_failure"], "refuse");
+        assert_eq!(status["nodes"][1]["reason"], "not contacted yet");
     }
 }

@@ -1,20 +1,23 @@
-//! The mirror's part of `/api/v1/status`.
+//! The mirror's part of `/api/v1/status`: settings, watermarks and, per node, whether it is up
+//! (and why not), its memcached process id, fill and eviction figures from the last probe.
 
 use std::sync::atomic::Ordering;
 
 use super::Inner;
+use crate::persist::lock;
 
 impl Inner {
+    /// The JSON under `persistence` in `/api/v1/status`.
     pub(super) fn status_json(&self) -> serde_json::Value {
         let nodes: Vec<serde_json::Value> = self
             .nodes
             .iter()
             .map(|n| {
-                let id = *n.identity.lock().unwrap();
+                let id = *lock(&n.identity);
                 serde_json::json!({
-                    "address": n.addr,
+                    "address": &*n.addr,
                     "up": n.up.load(Ordering::SeqCst),
-                    "reason": n.reason.lock().unwrap().clone(),
+                    "reason": lock(&n.reason).clone(),
                     "pid": id.map(|i| i.0),
                     "items": n.items.load(Ordering::Relaxed),
                     "bytes": n.bytes.load(Ordering::Relaxed),
@@ -29,7 +32,7 @@ impl Inner {
             "namespace": self.s.namespace,
             "node_id": self.s.node_id,
             "replicas": self.s.replicas,
-            "on_failure": if self.s.accept_in_memory { "accept_in_memory" } else { "refuse" },
+            "on_failure": self.s.on_failure,
             "pending_writes": self.pending.load(Ordering::SeqCst),
             "replicas_below_target": self.metrics.replicas_below_target.get(),
             "low_watermark": self.low.load(Ordering::SeqCst),

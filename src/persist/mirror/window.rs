@@ -1,14 +1,24 @@
-//! The live window: one small slot per sequence number from the low watermark to the highest
-//! written, saying whether the job is live, which nodes may hold a copy and which confirmed one.
+//! The live window: one slot per sequence number from the low watermark to the highest
+//! written, saying whether the job is live, which nodes may hold a copy (deletes go to all of
+//! them) and which confirmed one.
+//!
+//! Sequence numbers are dense and finish roughly in order, so a `VecDeque` indexed by
+//! `seq - base` beats a map: 6 bytes a job (a million queued jobs cost 6 MB, checked by
+//! `a_slot_stays_six_bytes`), no hashing under the engine's lock, and the low watermark is
+//! the front of the deque. A job finishing out of order leaves a dead slot until the jobs
+//! before it finish.
 
 use std::collections::VecDeque;
 
+/// The job is queued or running (its record must exist).
 pub(super) const LIVE: u8 = 1;
 /// A write (submit or repair) for this job is in flight.
 pub(super) const PENDING: u8 = 2;
 
+/// One job's entry.
 #[derive(Clone, Copy, Default)]
 pub(super) struct Slot {
+    /// [`LIVE`] and [`PENDING`].
     pub(super) flags: u8,
     /// Nodes that may hold a copy (a write was sent there).
     pub(super) may: u16,
@@ -72,6 +82,11 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_stays_six_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 6);
+    }
 
     #[test]
     fn the_window_tracks_live_jobs_and_the_low_watermark() {
