@@ -45,7 +45,7 @@ const HIGH_RESERVE: u64 = 4096;
 pub(super) const WARN_PERIOD: Duration = Duration::from_secs(10);
 
 /// What happened to one op of a batch.
-pub(super) enum Outcome {
+enum Outcome {
     Ok,
     /// The node answered with an error for this item; the node is fine, the op stays failed.
     Refused(WriteError),
@@ -463,7 +463,7 @@ impl Writer {
 
 /// Step 4: applies a batch's outcomes to the window and the jobs (one lock for the whole
 /// batch), then finishes the writes that every node answered.
-pub(super) fn settle(
+fn settle(
     inner: &Inner,
     node: usize,
     batch: &[Op],
