@@ -694,6 +694,104 @@ async fn memcached_out_of_memory_and_items_over_its_limit_are_refused_with_advic
     );
 }
 
+/// The WARN lines that report a refusal by `node` whose text contains `what` (not the
+/// summaries of refusals held back, which come at most once per 10 s after them).
+fn warnings<'a>(log: &'a str, node: &str, what: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("memcached {node} refused the write"))
+                && l.contains(what)
+        })
+        .collect()
+}
+
+/// Lines allowed by a limit of one per 10 s over `t`.
+fn per_10s(t: Duration) -> usize {
+    1 + (t.as_secs() / 10) as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memcached_refusals_are_counted_each_time_and_logged_once_with_the_fix() {
+    // One node (replicas = 1), 2 MB of memory, items up to 1 MB, no eviction.
+    let m = Memcached::start(2, &["-M", "-I", "1m"]);
+    let server = start_server("warn", &[&m], &[]);
+    let http = server.http_addr();
+    // Every reason's series exists at 0 before anything failed (increase() sees the first).
+    let (_, body) = http_get(http, "/metrics").await.unwrap();
+    for reason in ["out_of_memory", "too_large", "timeout", "node_down"] {
+        let series = format!(
+            "gearhouse_memcached_write_failures_total{{node=\"{}\",reason=\"{reason}\"}} 0",
+            m.addr()
+        );
+        assert!(body.contains(&series), "no {series} in\n{body}");
+    }
+    let mut c = Conn::connect(server.addr()).await;
+    let w = Duration::from_secs(5);
+    let big = vec![b'x'; 1_100_000];
+    let too_large = 12;
+    let started = Instant::now();
+    for _ in 0..too_large {
+        let e = submit(&mut c, SUBMIT_JOB_BG, &[b"big-fn", b"", &big], w)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("item size limit") && e.contains("-I"), "{e}");
+    }
+    // Fill memory, then keep submitting while memcached is out of memory.
+    let big_took = started.elapsed();
+    let data = vec![b'y'; 50_000];
+    let mut out_of_memory = 0;
+    let mut first_oom = None;
+    for _ in 0..1000 {
+        match submit(&mut c, SUBMIT_JOB_BG, &[b"fill-fn", b"", &data], w)
+            .await
+            .unwrap()
+        {
+            Ok(_) => assert_eq!(out_of_memory, 0, "accepted after running out of memory"),
+            Err(e) => {
+                assert!(e.contains("out of memory") && e.contains("-m"), "{e}");
+                first_oom.get_or_insert_with(Instant::now);
+                out_of_memory += 1;
+                if out_of_memory == 10 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(out_of_memory, 10, "memcached never ran out of memory");
+    let oom_took = first_oom.unwrap().elapsed();
+    // Every refusal is counted under its reason.
+    let node = format!("node=\"{}\"", m.addr());
+    let counted = |reason: &'static str| {
+        let node = node.clone();
+        async move {
+            metric(
+                http,
+                "gearhouse_memcached_write_failures_total",
+                &format!("{node},reason=\"{reason}\""),
+            )
+            .await
+        }
+    };
+    assert_eq!(counted("too_large").await, too_large as f64);
+    assert_eq!(counted("out_of_memory").await, out_of_memory as f64);
+    // The log has one WARN line per reason and 10 s, naming the node and the fix.
+    let log = server.log_text();
+    let big_lines = warnings(&log, &m.addr(), "item size limit");
+    assert!(
+        !big_lines.is_empty() && big_lines.len() <= per_10s(big_took),
+        "{big_took:?}: {big_lines:#?}"
+    );
+    assert!(big_lines[0].contains("-I"), "{}", big_lines[0]);
+    let oom_lines = warnings(&log, &m.addr(), "out of memory");
+    assert!(
+        !oom_lines.is_empty() && oom_lines.len() <= per_10s(oom_took),
+        "{oom_took:?}: {oom_lines:#?}"
+    );
+    assert!(oom_lines[0].contains("-m"), "{}", oom_lines[0]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memcached_that_restarted_empty_gets_its_copies_back() {
     let mut m1 = Memcached::start(64, &["-M"]);

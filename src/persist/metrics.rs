@@ -1,5 +1,10 @@
 //! Persistence metrics, registered on the server's registry. The names are fixed: the
 //! dashboard queries them.
+//!
+//! Series labelled by node are created at 0 for every configured node when the mirror is
+//! built ([`PersistMetrics::init_node`]): a counter that appears only with its first event
+//! hides that event from `increase()`, and a dashboard panel has no series on a healthy
+//! server.
 
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -12,10 +17,15 @@ const MEMCACHED_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0,
 ];
 
+/// The `op` label values of `gearhouse_memcached_errors_total`.
+pub const ERROR_OPS: [&str; 5] = ["write", "delete", "connect", "batch", "probe"];
+
 pub struct PersistMetrics {
     pub write_seconds: HistogramVec,
     pub delete_seconds: HistogramVec,
     pub errors: IntCounterVec,
+    /// Copies a node did not store, by node and reason (the mirror's `NodeFailure` labels).
+    pub write_failures: IntCounterVec,
     pub node_up: IntGaugeVec,
     pub replicas_below_target: IntGauge,
     pub evictions: IntGaugeVec,
@@ -53,6 +63,14 @@ impl PersistMetrics {
                     "memcached operations that failed, per node and operation",
                 ),
                 &["node", "op"],
+            )
+            .expect("counter"),
+            write_failures: IntCounterVec::new(
+                Opts::new(
+                    "gearhouse_memcached_write_failures_total",
+                    "Job record copies a memcached node did not store, per node and reason: out_of_memory (start it with more -m, keep -M), too_large (a larger -I), rejected (another error), timeout (persistence.write_timeout_ms), connection and node_down (the node is unreachable), queue_full (the node is slower than the submit rate)",
+                ),
+                &["node", "reason"],
             )
             .expect("counter"),
             node_up: IntGaugeVec::new(
@@ -113,6 +131,7 @@ impl PersistMetrics {
         let _ = registry.register(Box::new(m.write_seconds.clone()));
         let _ = registry.register(Box::new(m.delete_seconds.clone()));
         let _ = registry.register(Box::new(m.errors.clone()));
+        let _ = registry.register(Box::new(m.write_failures.clone()));
         let _ = registry.register(Box::new(m.node_up.clone()));
         let _ = registry.register(Box::new(m.replicas_below_target.clone()));
         let _ = registry.register(Box::new(m.evictions.clone()));
@@ -123,5 +142,17 @@ impl PersistMetrics {
         let _ = registry.register(Box::new(m.recovery_duration.clone()));
         let _ = registry.register(Box::new(m.recovery_failed.clone()));
         m
+    }
+
+    /// Creates node `addr`'s series at 0: errors for every op, node up, evictions and
+    /// eviction settings. (Histograms and write failures get theirs when the mirror takes
+    /// its per-node handles: every reason, at 0.)
+    pub fn init_node(&self, addr: &str) {
+        for op in ERROR_OPS {
+            self.errors.with_label_values(&[addr, op]);
+        }
+        self.node_up.with_label_values(&[addr]).set(0);
+        self.evictions.with_label_values(&[addr]).set(0);
+        self.eviction_enabled.with_label_values(&[addr]).set(0);
     }
 }

@@ -9,6 +9,12 @@
 //! - [`recovery`]: reading a node id's queue back without listing memcached's keys.
 //! - [`takeover`]: moving a dead node's queue into this server, once.
 //! - [`metrics`]: the `gearhouse_memcached_*` and recovery metrics.
+//!
+//! Start-up recovery runs in a `gearhouse.recovery` span (node id, nodes, jobs, attempts)
+//! with its progress as events inside; the mirror adds `gearhouse.repair`,
+//! `gearhouse.node_down` and `gearhouse.node_up` spans. Every mutex here guards plain data,
+//! is never held across an `.await` or a log line, and is taken with [`lock`], which
+//! recovers from poisoning: a panic elsewhere must not stop the queue's durability.
 
 pub mod client;
 pub mod metrics;
@@ -19,16 +25,23 @@ pub mod ring;
 pub mod takeover;
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, OnFailure};
 use crate::engine::{Engine, Mirror};
 use crate::http::Health;
 
 pub use mirror::MemcachedMirror;
+
+/// Locks `m`, recovering the data if a thread panicked while holding it (every mutex in
+/// persistence guards plain data that stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Why persistence could not start or recover.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,7 +64,8 @@ pub struct Settings {
     pub node_id: String,
     /// Copies per job (already resolved from 0 = automatic and capped at the node count).
     pub replicas: usize,
-    pub accept_in_memory: bool,
+    /// Refuse a job that cannot be made durable, or keep it in memory only.
+    pub on_failure: OnFailure,
     pub write_timeout: Duration,
     pub connections_per_node: usize,
     pub max_batch: usize,
@@ -135,7 +149,7 @@ impl Settings {
             namespace: p.namespace.clone(),
             node_id,
             replicas,
-            accept_in_memory: p.on_failure == crate::config::OnFailure::AcceptInMemory,
+            on_failure: p.on_failure,
             write_timeout: Duration::from_millis(p.write_timeout_ms.max(1)),
             connections_per_node: p.connections_per_node,
             max_batch: p.max_batch.max(1),
@@ -204,27 +218,17 @@ impl Persistence {
             "persistence on: background jobs are acknowledged only after memcached stored {} copies; recovering the queue before accepting clients",
             s.replicas
         );
-        let mut attempt = 0u32;
-        let origins = loop {
-            attempt += 1;
-            match self.recover(engine).await {
-                Ok(origins) => break origins,
-                Err(e) => {
-                    self.metrics.recovery_failed.set(1);
-                    health.set_not_durable(Some(e.to_string()));
-                    health.set_persistence_status(serde_json::json!({
-                        "enabled": true, "recovering": true, "error": e.to_string(),
-                        "nodes": s.nodes,
-                    }));
-                    tracing::error!(attempt, "{e}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(PersistError::Shutdown),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        };
-        self.metrics.recovery_failed.set(0);
+        let span = tracing::info_span!(
+            "gearhouse.recovery",
+            node_id = %s.node_id,
+            nodes = %s.nodes.join(","),
+            jobs = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+        );
+        let origins = self
+            .recover_until_done(engine, &health, &shutdown)
+            .instrument(span)
+            .await?;
         health.set_not_durable(None);
         self.mirror.start(health.clone(), shutdown.clone());
         if !s.recover_from_node.is_empty() {
@@ -243,6 +247,40 @@ impl Persistence {
         }
         health.set_persistence_status(self.mirror.status_json());
         Ok(())
+    }
+
+    /// Recovery attempts, one a second while memcached cannot be read, until one completes.
+    async fn recover_until_done(
+        &self,
+        engine: &Engine,
+        health: &Health,
+        shutdown: &CancellationToken,
+    ) -> Result<HashSet<u64>, PersistError> {
+        let s = &self.settings;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.recover(engine).await {
+                Ok(origins) => {
+                    tracing::Span::current().record("attempts", attempt);
+                    self.metrics.recovery_failed.set(0);
+                    return Ok(origins);
+                }
+                Err(e) => {
+                    self.metrics.recovery_failed.set(1);
+                    health.set_not_durable(Some(e.to_string()));
+                    health.set_persistence_status(serde_json::json!({
+                        "enabled": true, "recovering": true, "error": e.to_string(),
+                        "nodes": s.nodes,
+                    }));
+                    tracing::error!(attempt, "{e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(PersistError::Shutdown),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// One recovery attempt. Returns the origins (sequence numbers on
@@ -292,8 +330,10 @@ impl Persistence {
             .await?;
         let down = cl.unreachable();
         drop(cl);
-        release_free_memory();
+        // malloc_trim walks the whole heap (tens of ms after a million jobs): off the runtime.
+        let _ = tokio::task::spawn_blocking(release_free_memory).await;
         let took = started.elapsed();
+        tracing::Span::current().record("jobs", restored);
         self.metrics.recovered.inc_by(restored as u64);
         self.metrics.recovery_duration.set(took.as_secs_f64());
         tracing::info!(

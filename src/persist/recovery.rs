@@ -45,7 +45,7 @@ impl Cluster {
     pub async fn open(s: &Settings) -> Cluster {
         let timeout = s.write_timeout.max(Duration::from_secs(2));
         let results = join_all(s.nodes.iter().map(|a| async move {
-            let id = probe(a, timeout).await.map(|p| p.0);
+            let id = probe(a, timeout).await.map(|p| p.identity);
             let c = Connection::connect(a, timeout).await;
             (id, c)
         }))
