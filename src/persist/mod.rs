@@ -215,8 +215,8 @@ impl Persistence {
             replicas = s.replicas,
             namespace = %s.namespace,
             node_id = %s.node_id,
-            "persistence on: background jobs are acknowledged only after memcached stored {} copies; recovering the queue before accepting clients",
-            s.replicas
+            "persistence on: background jobs are acknowledged only after memcached stored {}; recovering the queue before accepting clients",
+            copies(s.replicas)
         );
         let span = tracing::info_span!(
             "gearhouse.recovery",
@@ -362,5 +362,23 @@ impl Persistence {
     pub async fn stop(&self, grace: Duration) {
         self.mirror.flush(grace).await;
         self.mirror.detach();
+    }
+}
+
+/// "1 copy", "2 copies".
+pub(crate) fn copies(n: usize) -> String {
+    if n == 1 {
+        "1 copy".into()
+    } else {
+        format!("{n} copies")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copies_reads_as_english() {
+        assert_eq!(super::copies(1), "1 copy");
+        assert_eq!(super::copies(2), "2 copies");
     }
 }

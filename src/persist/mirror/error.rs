@@ -29,8 +29,8 @@ impl fmt::Display for Shortfall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "cannot make the job durable: {} copies needed (persistence.replicas) but only {} of {} memcached nodes are up; down: {}; start them or lower persistence.replicas",
-            self.need, self.have, self.total, self.down
+            "cannot make the job durable: {} needed (persistence.replicas) but only {} of {} memcached nodes are up; down: {}; start them or lower persistence.replicas",
+            crate::persist::copies(self.need), self.have, self.total, self.down
         )
     }
 }
