@@ -11,14 +11,18 @@
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
+//! - [`cli`]: the command line (gearhouse's and gearmand's) and the process around the server
+//!   (bind retry, daemon, pid file, privileges, systemd readiness); [`net`]: socket options.
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod persist;
 pub mod protocol;
 pub mod seq_index;
