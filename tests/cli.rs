@@ -553,3 +553,63 @@ fn systemd_hears_ready_once_clients_are_accepted() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+/// `-u USER`: the server runs as that user once its ports are bound (needs root; skipped
+/// otherwise); an unknown user is a configuration error.
+#[test]
+fn dash_u_switches_user_after_binding() {
+    let out = run(
+        &[
+            "serve",
+            "-u",
+            "no-such-user-gh",
+            "--http",
+            "127.0.0.1:0",
+            "-p",
+            "1",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Port 1 is bound before the switch (root may), so the failure is the user's.
+    if out.status.code() == Some(1) {
+        eprintln!("skipped: not root ({err})");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"no-such-user-gh\"") && err.contains("no such user"),
+        "{err}"
+    );
+
+    let port = free_port();
+    let p = Proc::start(
+        Path::new(BIN),
+        &[
+            "serve",
+            "-u",
+            "nobody",
+            "-p",
+            &port.to_string(),
+            "-L",
+            "127.0.0.1",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
+    echo(SocketAddr::from(([127, 0, 0, 1], port)));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
+    );
+    let (st, err) = p.stop();
+    assert!(st.success(), "{err}");
+}
