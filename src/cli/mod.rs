@@ -190,7 +190,8 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, CliError> 
         .first()
         .and_then(|a| Path::new(a).file_name())
         .is_some_and(|n| n == "gearmand");
-    if as_gearmand {
+    let version = argv.len() == 2 && matches!(argv[1].to_str(), Some("-V" | "--version"));
+    if as_gearmand && !version {
         argv.insert(1, "serve".into());
     }
     if matches!(

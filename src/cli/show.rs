@@ -20,7 +20,7 @@ pub struct Entry {
     pub source: String,
 }
 
-/// The entries of `loaded`, in the order of `config/default.toml`'s sections.
+/// The entries of `loaded`, sorted by key.
 pub fn entries(loaded: &Loaded, env: &HashMap<String, String>) -> Result<Vec<Entry>, CliError> {
     let file_keys = match &loaded.file {
         Some(f) => Some(
