@@ -54,6 +54,19 @@ pub struct ServerSection {
     pub shutdown_timeout_ms: u64,
     /// Runtime threads serving connections; 0 = one per core.
     pub worker_threads: usize,
+    /// How long to keep retrying a listen address that is still in use (EADDRINUSE) at start-up.
+    pub bind_retry_ms: u64,
+    /// Listen backlog of the Gearman socket.
+    pub backlog: u32,
+    /// TCP keepalive on accepted connections, and its timers (0 = the system's value).
+    pub keepalive: bool,
+    pub keepalive_idle_s: u32,
+    pub keepalive_interval_s: u32,
+    pub keepalive_count: u32,
+    /// File the process id is written to at start and removed from at exit; empty = none.
+    pub pid_file: String,
+    /// User to switch to once the listeners are bound; empty = stay.
+    pub user: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -64,6 +77,9 @@ pub struct EngineSection {
     pub worker_wakeup: u32,
     pub max_queue_per_function: u32,
     pub max_functions: usize,
+    /// Forward WORK_EXCEPTION to every client of a job, not only those that sent
+    /// OPTION_REQ exceptions (gearmand's `--exceptions`).
+    pub exceptions: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -75,8 +91,12 @@ pub struct HttpSection {
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
+    /// A tracing filter; after loading always a valid one (gearmand's level names are
+    /// translated, see [`normalize_level`]).
     pub level: String,
     pub format: LogFormat,
+    /// Where logs go: empty or `stderr` = stderr, `none` = nowhere, else a file appended to.
+    pub file: String,
 }
 
 /// How log lines are written on stderr.
@@ -221,7 +241,8 @@ impl Config {
                 b = b.set_override(*k, v.clone())?;
             }
         }
-        let cfg: Config = b.build()?.try_deserialize()?;
+        let mut cfg: Config = b.build()?.try_deserialize()?;
+        cfg.log.level = normalize_level(&cfg.log.level)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -254,6 +275,16 @@ impl Config {
             return bad("tracing.sample_ratio", "must be between 0 and 1");
         }
         Ok(())
+    }
+
+    /// TCP keepalive settings for accepted connections, when `server.keepalive` is on.
+    pub fn keepalive(&self) -> Option<crate::net::Keepalive> {
+        let s = &self.server;
+        s.keepalive.then_some(crate::net::Keepalive {
+            idle_s: s.keepalive_idle_s,
+            interval_s: s.keepalive_interval_s,
+            count: s.keepalive_count,
+        })
     }
 
     /// The node id: configured, else the host name.
@@ -300,6 +331,68 @@ impl Config {
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
         }
     }
+}
+
+/// Log level names, gearmand's (`--verbose`) and tracing's, in any case, as tracing levels.
+const LEVELS: &[(&str, &str)] = &[
+    ("fatal", "error"),
+    ("alert", "error"),
+    ("critical", "error"),
+    ("error", "error"),
+    ("warning", "warn"),
+    ("warn", "warn"),
+    ("notice", "info"),
+    ("info", "info"),
+    ("debug", "debug"),
+    ("trace", "trace"),
+    ("off", "off"),
+];
+
+/// Turns `log.level` into a tracing filter that means what was asked, or refuses it.
+///
+/// A bare word is a level (gearmand's FATAL..DEBUG or tracing's error..trace, any case);
+/// `target=level` directives keep their target and get their level translated. A bare word
+/// that is not a level is refused: tracing would read `warning` as "everything from the
+/// target named warning" and the server would log nothing at all, silently.
+pub fn normalize_level(level: &str) -> Result<String, ConfigError> {
+    let invalid = |why: String| ConfigError::Invalid {
+        key: "log.level",
+        why,
+    };
+    let as_level = |w: &str| {
+        let w = w.trim().to_ascii_lowercase();
+        LEVELS.iter().find(|(n, _)| *n == w).map(|(_, l)| *l)
+    };
+    let mut out = Vec::new();
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match d.rsplit_once('=') {
+            None => match as_level(d) {
+                Some(l) => out.push(l.to_string()),
+                None => {
+                    return Err(invalid(format!(
+                        "{d:?} is not a log level: use FATAL, ALERT, CRITICAL, ERROR, WARNING, \
+                         NOTICE, INFO, DEBUG (gearmand's), error, warn, info, debug, trace, or a \
+                         filter such as \"gearhouse=debug,info\""
+                    )))
+                }
+            },
+            Some((target, l)) => match as_level(l) {
+                Some(l) => out.push(format!("{target}={l}")),
+                None => {
+                    return Err(invalid(format!(
+                        "{d:?}: {l:?} is not a log level (error, warn, info, debug, trace)"
+                    )))
+                }
+            },
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid("is empty: use info, warn, debug...".into()));
+    }
+    let filter = out.join(",");
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| invalid(format!("{level:?} is not a valid filter: {e}")))?;
+    Ok(filter)
 }
 
 #[cfg(test)]
@@ -393,6 +486,35 @@ mod tests {
             checked, count,
             "every field has exactly one line in the file"
         );
+    }
+
+    #[test]
+    fn gearmand_and_tracing_level_names_become_tracing_filters() {
+        for (given, want) in [
+            ("WARNING", "warn"),
+            ("warning", "warn"),
+            ("Fatal", "error"),
+            ("ALERT", "error"),
+            ("CRITICAL", "error"),
+            ("ERROR", "error"),
+            ("NOTICE", "info"),
+            ("INFO", "info"),
+            ("DEBUG", "debug"),
+            ("warn", "warn"),
+            ("trace", "trace"),
+            ("gearhouse=debug,info", "gearhouse=debug,info"),
+            ("gearhouse=WARNING, INFO", "gearhouse=warn,info"),
+        ] {
+            let c = Config::load_with_env(None, &[("log.level", given.into())], env(&[]))
+                .unwrap_or_else(|e| panic!("{given}: {e}"));
+            assert_eq!(c.log.level, want, "{given}");
+        }
+        for bad in ["warnings", "", "verbose", "gearhouse=loud"] {
+            let e = Config::load_with_env(None, &[], env(&[("GEARHOUSE_LOG__LEVEL", bad)]))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("log.level"), "{bad}: {e}");
+        }
     }
 
     #[test]

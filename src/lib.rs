@@ -13,15 +13,19 @@
 //! - [`app`]: wires the pieces together for the binary and for tests.
 //! - [`client`]: a small async Gearman client (pipelined connection, client and worker calls,
 //!   admin commands) used by `gearhouse recover`, the integration tests and the load generator.
+//! - [`cli`]: the command line (gearhouse's and gearmand's) and the process around the server
+//!   (bind retry, daemon, pid file, privileges, systemd readiness); [`net`]: socket options.
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod persist;
 pub mod protocol;
 pub mod seq_index;

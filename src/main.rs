@@ -1,98 +1,37 @@
-//! The `gearhouse` binary: parses the command line, sets up logging, binds the listeners and
-//! runs the server until SIGTERM or Ctrl-C.
+//! The `gearhouse` binary: parses the command line (gearhouse's, or gearmand's when started
+//! as `gearmand`), sets up logging, binds the listeners and runs the server until SIGTERM or
+//! Ctrl-C. Errors print once as `gearhouse: <message>`; configuration errors exit 2, failures
+//! while running exit 1.
 
-use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use gearhouse::cli::process::{self, PidFile, ProcessError};
+use gearhouse::cli::{self as cli, Command, RecoverArgs, ServeArgs};
 use gearhouse::config::Config;
 use gearhouse::server::Shutdown;
 
-#[derive(Parser)]
-#[command(
-    name = "gearhouse",
-    version,
-    about = "A Gearman job server: drop-in for gearmand, durable and observable"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+/// Exit status of a configuration error (as clap's usage errors).
+const CONFIG_ERROR: u8 = 2;
+/// Exit status of a failure while starting or running.
+const RUNTIME_ERROR: u8 = 1;
 
-#[derive(Subcommand)]
-enum Command {
-    /// Run the server.
-    Serve(ServeArgs),
-    /// Move a dead node's durable queue from memcached into a running server, once.
-    Recover(RecoverArgs),
-}
-
-#[derive(clap::Args)]
-struct RecoverArgs {
-    /// Node id of the dead server whose queue is moved.
-    #[arg(long)]
-    from_node: String,
-    /// memcached nodes holding the queue, host:port[,host:port...].
-    #[arg(long, value_delimiter = ',', required = true)]
-    memcached: Vec<String>,
-    /// Key namespace the dead server used [persistence.namespace].
-    #[arg(long, default_value = "gearhouse")]
-    namespace: String,
-    /// Gearman address of the running server that receives the jobs.
-    #[arg(long, default_value = "127.0.0.1:4730")]
-    server: String,
-    /// Copies the dead server kept (persistence.replicas); 0 = 2 with two or more nodes, else 1.
-    #[arg(long, default_value_t = 0)]
-    replicas: usize,
-    /// Submits in flight at once.
-    #[arg(long, default_value_t = 16)]
-    parallel: usize,
-    /// Name recorded in the takeover lock key.
-    #[arg(long, default_value = "gearhouse-recover")]
-    owner: String,
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Config file (default: config/default.toml when it exists).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Gearman listen address [config: server.listen, default 0.0.0.0:4730].
-    #[arg(long)]
-    listen: Option<String>,
-    /// HTTP listen address for /metrics, /healthz, /readyz, /api/v1/status [config: http.listen, default 127.0.0.1:4731].
-    #[arg(long)]
-    http: Option<String>,
-    /// Log level: error, warn, info, debug, trace, or a tracing filter [config: log.level].
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Node id used in job handles and memcached keys [config: engine.node_id, default: host name].
-    #[arg(long)]
-    node_id: Option<String>,
-    /// Attempts after which a job is dropped with WORK_FAIL, 0 = never [config: engine.job_retries].
-    #[arg(long)]
-    job_retries: Option<u32>,
-    /// memcached nodes for the durable queue, host:port[,host:port...] [config: persistence.memcached].
-    #[arg(long)]
-    memcached: Option<String>,
-}
-
-fn overrides(a: &ServeArgs) -> Vec<(&'static str, String)> {
-    let mut o = Vec::new();
-    let mut put = |k: &'static str, v: &Option<String>| {
-        if let Some(v) = v {
-            o.push((k, v.clone()));
+/// Prints `err` once: its message, then each cause whose text the message does not already
+/// carry (thiserror's `{0}` wrappers repeat their source).
+fn fail(code: u8, err: &(dyn std::error::Error + 'static)) -> ExitCode {
+    let mut msg = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg = format!("{msg}: {text}");
         }
-    };
-    put("server.listen", &a.listen);
-    put("http.listen", &a.http);
-    put("log.level", &a.log_level);
-    put("engine.node_id", &a.node_id);
-    put("engine.job_retries", &a.job_retries.map(|v| v.to_string()));
-    put("persistence.memcached", &a.memcached);
-    o
+        cause = c.source();
+    }
+    eprintln!("gearhouse: {msg}");
+    ExitCode::from(code)
 }
 
 /// The first SIGTERM or Ctrl-C starts a graceful stop (running jobs finish, up to
@@ -103,6 +42,7 @@ async fn shutdown_signal(stop: Shutdown) {
         s = signals.next() => tracing::info!("{s}: shutting down gracefully (send it again to stop at once)"),
         _ = stop.drain.cancelled() => {}
     }
+    process::sd_notify("STOPPING=1");
     stop.drain();
     tokio::select! {
         s = signals.next() => tracing::warn!("{s} again: stopping at once"),
@@ -142,7 +82,7 @@ impl Signals {
 fn recover(a: RecoverArgs) -> anyhow::Result<()> {
     let mut log = gearhouse::config::Config::default().log;
     if let Ok(l) = std::env::var("GEARHOUSE_LOG__LEVEL") {
-        log.level = l;
+        log.level = gearhouse::config::normalize_level(&l)?;
     }
     gearhouse::telemetry::init_logging(&log);
     let replicas = if a.replicas == 0 {
@@ -181,43 +121,129 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Recover(a) => recover(a),
-        Command::Serve(args) => {
-            let file = args.config.clone().or_else(|| {
-                let d = PathBuf::from("config/default.toml");
-                d.exists().then_some(d)
-            });
-            let cfg = Config::load(file.as_deref(), &overrides(&args))?;
-            gearhouse::telemetry::init_logging(&cfg.log);
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if cfg.server.worker_threads > 0 {
-                rt.worker_threads(cfg.server.worker_threads);
-            }
-            let rt = rt.enable_all().build()?;
-            rt.block_on(async move {
-                let gearman = TcpListener::bind(&cfg.server.listen)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot listen on {} (server.listen / --listen)",
-                            cfg.server.listen
-                        )
-                    })?;
-                let http = TcpListener::bind(&cfg.http.listen).await.with_context(|| {
-                    format!(
-                        "cannot listen on {} (http.listen / --http)",
-                        cfg.http.listen
-                    )
-                })?;
-                let stop = Shutdown::default();
-                tokio::spawn(shutdown_signal(stop.clone()));
-                gearhouse::app::run_with(cfg, gearman, http, stop).await?;
-                tracing::info!("stopped");
-                anyhow::Ok(())
-            })
+/// `gearhouse config`: the effective configuration and where each value came from.
+fn show_config(args: ServeArgs) -> ExitCode {
+    let loaded = match cli::load(&args) {
+        Ok(l) => l,
+        Err(e) => return fail(CONFIG_ERROR, &e),
+    };
+    let env = std::env::vars().collect();
+    match cli::show::entries(&loaded, &env) {
+        Ok(e) => {
+            print!("{}", cli::show::render(&loaded, &e));
+            ExitCode::SUCCESS
         }
+        Err(e) => fail(CONFIG_ERROR, &e),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let loaded = match cli::load(&args) {
+        Ok(l) => l,
+        Err(e) => return fail(CONFIG_ERROR, &e),
+    };
+    let cfg = loaded.config;
+    // Before logging starts, so the log file gets every line (and panics).
+    if let Err(e) = process::redirect_stderr(&cfg.log.file) {
+        return fail(CONFIG_ERROR, &e);
+    }
+    gearhouse::telemetry::init_logging(&cfg.log);
+    match &loaded.file {
+        Some(f) => tracing::info!(file = %f.display(), "configuration file read"),
+        None => tracing::info!(
+            "no configuration file ({} does not exist, no --config): built-in defaults",
+            cli::SYSTEM_CONFIG
+        ),
+    }
+    for note in &loaded.notes {
+        tracing::info!("{note}");
+    }
+    match run(cfg, args.daemon) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Process(e @ ProcessError::User { .. })) => fail(CONFIG_ERROR, &e),
+        Err(Failure::Process(e)) => fail(RUNTIME_ERROR, &e),
+        Err(Failure::Run(e)) => fail(RUNTIME_ERROR, e.as_ref()),
+    }
+}
+
+enum Failure {
+    Process(ProcessError),
+    Run(anyhow::Error),
+}
+
+impl From<ProcessError> for Failure {
+    fn from(e: ProcessError) -> Self {
+        Failure::Process(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Run(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Run(e.into())
+    }
+}
+
+/// Binds, detaches, writes the pid file and drops root while the process has one thread, then
+/// starts the runtime and serves until stopped.
+fn run(cfg: Config, daemon: bool) -> Result<(), Failure> {
+    let retry = Duration::from_millis(cfg.server.bind_retry_ms);
+    let gearman = process::bind(
+        &cfg.server.listen,
+        "server.listen / -L / -p",
+        retry,
+        Some(cfg.server.backlog),
+    )?;
+    let http = process::bind(&cfg.http.listen, "http.listen / --http", retry, None)?;
+    if daemon {
+        process::daemonize()?;
+    }
+    let pid_file = match cfg.server.pid_file.as_str() {
+        "" => None,
+        p => Some(PidFile::create(p)?),
+    };
+    if !cfg.server.user.is_empty() {
+        process::switch_user(&cfg.server.user)?;
+        tracing::info!(user = %cfg.server.user, "switched user");
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.worker_threads > 0 {
+        rt.worker_threads(cfg.server.worker_threads);
+    }
+    let rt = rt.enable_all().build()?;
+    let r = rt.block_on(async move {
+        let gearman = TcpListener::from_std(gearman)?;
+        let http = TcpListener::from_std(http)?;
+        let ready = tokio::spawn(process::notify_when_ready(http.local_addr()?));
+        let stop = Shutdown::default();
+        tokio::spawn(shutdown_signal(stop.clone()));
+        let r = gearhouse::app::run_with(cfg, gearman, http, stop).await;
+        ready.abort();
+        r?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    });
+    drop(rt);
+    drop(pid_file);
+    Ok(r?)
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::parse(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => return fail(CONFIG_ERROR, &e),
+    };
+    match cli.command {
+        Command::Recover(a) => match recover(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(RUNTIME_ERROR, e.as_ref()),
+        },
+        Command::Config(args) => show_config(args),
+        Command::Serve(args) => serve(args),
     }
 }
