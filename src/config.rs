@@ -307,6 +307,7 @@ impl Config {
             worker_wakeup: self.engine.worker_wakeup,
             max_queue_per_function: self.engine.max_queue_per_function,
             max_functions: self.engine.max_functions,
+            exceptions: self.engine.exceptions,
         }
     }
 
@@ -329,6 +330,7 @@ impl Config {
                 .filter_map(|n| n.parse().ok())
                 .collect(),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+            keepalive: self.keepalive(),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub admin_networks: Vec<IpNet>,
     /// How long a closing connection may take to write what it still owes its peer.
     pub shutdown_timeout: Duration,
+    /// TCP keepalive on accepted connections (`server.keepalive*`), if on.
+    pub keepalive: Option<crate::net::Keepalive>,
 }
 
 /// The two stages of stopping, shared by the accept loop, every connection and the admin
@@ -132,6 +134,11 @@ pub async fn run(
         };
         metrics.connections.inc();
         let _ = stream.set_nodelay(true);
+        if let Some(k) = &cfg.keepalive {
+            if let Err(e) = crate::net::apply_keepalive(&stream, k) {
+                tracing::warn!(%peer, error = %e, "cannot set TCP keepalive (server.keepalive*)");
+            }
+        }
         let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
         let serve = conn.serve();
         tracker.spawn(async move {

@@ -74,6 +74,9 @@ pub struct EngineConfig {
     pub max_queue_per_function: u32,
     /// Distinct functions the server keeps (CAN_DO or submit of a new one past it is refused).
     pub max_functions: usize,
+    /// WORK_EXCEPTION goes to every client, as if each had sent OPTION_REQ exceptions
+    /// (gearmand's `--exceptions`).
+    pub exceptions: bool,
 }
 
 impl Default for EngineConfig {
@@ -422,7 +425,7 @@ impl Engine {
                 sleep_gen: 0,
                 holding: Vec::new(),
                 waiting: Vec::new(),
-                exceptions: false,
+                exceptions: self.shared.cfg.exceptions,
                 rotate: 0,
                 is_client: false,
             },

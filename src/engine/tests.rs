@@ -693,3 +693,29 @@ fn a_client_that_does_not_read_is_closed_and_logged_after_the_lock_is_released()
         "logged under the lock: {seen:?}"
     );
 }
+
+#[test]
+fn work_exception_reaches_only_clients_that_asked_unless_the_server_forwards_it_to_all() {
+    for forward_all in [false, true] {
+        let cfg = EngineConfig {
+            exceptions: forward_all,
+            ..Default::default()
+        };
+        let e = engine_with(cfg, None);
+        let mut client = connect(&e);
+        let handle = created(&e, &client, job("f", "", "d", Priority::Normal, false));
+        let w = connect(&e);
+        can_do(&e, &w, "f", None);
+        assert!(grab(&e, &w).is_some());
+        work(&e, &w, WorkKind::Exception, &handle, b"boom");
+        let got: Vec<PacketType> = client.received().iter().map(|p| p.kind).collect();
+        // Without OPTION_REQ exceptions the client sees only the failure, unless the server
+        // forwards exceptions to everyone (gearmand's --exceptions, engine.exceptions).
+        let want = if forward_all {
+            vec![PacketType::WORK_EXCEPTION]
+        } else {
+            vec![PacketType::WORK_FAIL]
+        };
+        assert_eq!(got, want, "engine.exceptions = {forward_all}");
+    }
+}

@@ -136,6 +136,8 @@ impl BinServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        // A port taken by a parallel test fails at once (start_retrying picks another).
+        cmd.env("GEARHOUSE_SERVER__BIND_RETRY_MS", "0");
         for (k, v) in env {
             cmd.env(k, v);
         }
