@@ -20,6 +20,8 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Persist(#[from] crate::persist::PersistError),
+    #[error("tracing: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// Runs the server until `shutdown` is cancelled: recovery (when persistence is on), then the
@@ -32,7 +34,15 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
-    let tracer = crate::telemetry::start(&cfg, &metrics);
+    let tracer = crate::telemetry::start(&cfg, &metrics)?;
+    // A short operation span: with an endpoint set, the collector learns that this node started
+    // (and with which settings) even before any job runs.
+    tracing::info_span!(
+        "gearhouse.startup",
+        node_id = %cfg.engine_config().node_id,
+        job_traces = tracer.is_some(),
+    )
+    .in_scope(|| tracing::debug!("starting"));
     let observer = tracer
         .clone()
         .map(|t| t as Arc<dyn crate::engine::JobObserver>);

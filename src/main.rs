@@ -165,7 +165,9 @@ fn main() -> anyhow::Result<()> {
                 d.exists().then_some(d)
             });
             let cfg = Config::load(file.as_deref(), &overrides(&args))?;
-            gearhouse::telemetry::init_logging(&cfg.log);
+            // Logging plus the export of the server's own `gearhouse.*` spans; an unusable
+            // OTEL_* setting stops the server here, naming the variable.
+            let _operation_spans = gearhouse::telemetry::init_logging_and_tracing(&cfg)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if cfg.server.worker_threads > 0 {
                 rt.worker_threads(cfg.server.worker_threads);

@@ -811,6 +811,8 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // The persist span of an ordinary job is checked below: keep every trace.
+            ("OTEL_TRACES_SAMPLER", "always_on"),
         ],
     );
     let (addr, http) = (server.addr(), server.http_addr());
