@@ -37,12 +37,18 @@ pub async fn run(
     let tracer = crate::telemetry::start(&cfg, &metrics)?;
     // A short operation span: with an endpoint set, the collector learns that this node started
     // (and with which settings) even before any job runs.
-    tracing::info_span!(
-        "gearhouse.startup",
-        node_id = %cfg.engine_config().node_id,
-        job_traces = tracer.is_some(),
-    )
-    .in_scope(|| tracing::debug!("starting"));
+    if let Some(t) = &tracer {
+        let s = t.settings();
+        tracing::info_span!("gearhouse.startup", node_id = %cfg.engine_config().node_id).in_scope(
+            || {
+                tracing::info!(
+                    endpoint = %s.endpoint,
+                    sampling = ?s.sampling,
+                    "job traces and operation spans go to the collector"
+                )
+            },
+        );
+    }
     let observer = tracer
         .clone()
         .map(|t| t as Arc<dyn crate::engine::JobObserver>);

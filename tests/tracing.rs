@@ -98,6 +98,10 @@ fn root_of<'a>(r: &'a Received, handle: &str) -> Option<&'a Span> {
     })
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn has_handle(r: &Received, handle: &str) -> bool {
     r.spans
         .iter()
@@ -455,6 +459,7 @@ async fn http_gzip_headers_and_every_job_with_always_on() {
             ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20x"),
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
             ("OTEL_SERVICE_NAME", "gearhouse-http-test"),
+            ("GEARHOUSE_LOG__FORMAT", "json"),
             ("OTEL_TRACES_SAMPLER", "always_on"),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
         ],
@@ -486,6 +491,21 @@ async fn http_gzip_headers_and_every_job_with_always_on() {
     for (service, s) in &r.spans {
         assert_eq!(service, "gearhouse-http-test", "service.name of {}", s.name);
     }
+    // A log line written inside the operation span carries its trace and span ids.
+    let startup = &r
+        .spans
+        .iter()
+        .find(|(_, s)| s.name == "gearhouse.startup")
+        .unwrap()
+        .1;
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("job traces and operation spans go to the collector"))
+        .unwrap_or_else(|| panic!("no start-up line in:\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["trace_id"], hex(&startup.trace_id).as_str(), "{line}");
+    assert_eq!(v["span_id"], hex(&startup.span_id).as_str(), "{line}");
     drop(r);
     assert!(
         metric(
