@@ -395,26 +395,27 @@ async fn grpc_tls_gzip_headers_and_tail_sampling() {
         |r| r.spans.iter().any(|(_, s)| s.name == "gearhouse.startup"),
     )
     .await;
-    let r = got.lock().unwrap();
-    // Events are handled in order: the ordinary job was decided before the failed one.
-    assert!(
-        !has_handle(&r, &ordinary),
-        "an ordinary job is sampled out at ratio 0"
-    );
-    assert_eq!(
-        str_attr(&root_of(&r, &failed).unwrap().attributes, "gearman.outcome").as_deref(),
-        Some("fail")
-    );
-    for (service, s) in &r.spans {
-        assert_eq!(service, "gearhouse-grpc-test", "service.name of {}", s.name);
+    {
+        let r = got.lock().unwrap();
+        // Events are handled in order: the ordinary job was decided before the failed one.
+        assert!(
+            !has_handle(&r, &ordinary),
+            "an ordinary job is sampled out at ratio 0"
+        );
+        assert_eq!(
+            str_attr(&root_of(&r, &failed).unwrap().attributes, "gearman.outcome").as_deref(),
+            Some("fail")
+        );
+        for (service, s) in &r.spans {
+            assert_eq!(service, "gearhouse-grpc-test", "service.name of {}", s.name);
+        }
+        assert!(
+            r.authorization.iter().all(|a| a == "Bearer x"),
+            "{:?}",
+            r.authorization
+        );
+        assert!(r.encodings.iter().all(|e| e == "gzip"), "{:?}", r.encodings);
     }
-    assert!(
-        r.authorization.iter().all(|a| a == "Bearer x"),
-        "{:?}",
-        r.authorization
-    );
-    assert!(r.encodings.iter().all(|e| e == "gzip"), "{:?}", r.encodings);
-    drop(r);
 
     let http = server.http_addr();
     assert!(
@@ -481,32 +482,33 @@ async fn http_gzip_headers_and_every_job_with_always_on() {
         |r| r.spans.iter().any(|(_, s)| s.name == "gearhouse.startup"),
     )
     .await;
-    let r = got.lock().unwrap();
-    assert!(
-        r.authorization.iter().all(|a| a == "Bearer x"),
-        "{:?}",
-        r.authorization
-    );
-    assert!(r.encodings.iter().all(|e| e == "gzip"), "{:?}", r.encodings);
-    for (service, s) in &r.spans {
-        assert_eq!(service, "gearhouse-http-test", "service.name of {}", s.name);
+    {
+        let r = got.lock().unwrap();
+        assert!(
+            r.authorization.iter().all(|a| a == "Bearer x"),
+            "{:?}",
+            r.authorization
+        );
+        assert!(r.encodings.iter().all(|e| e == "gzip"), "{:?}", r.encodings);
+        for (service, s) in &r.spans {
+            assert_eq!(service, "gearhouse-http-test", "service.name of {}", s.name);
+        }
+        // A log line written inside the operation span carries its trace and span ids.
+        let startup = &r
+            .spans
+            .iter()
+            .find(|(_, s)| s.name == "gearhouse.startup")
+            .unwrap()
+            .1;
+        let log = server.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("job traces and operation spans go to the collector"))
+            .unwrap_or_else(|| panic!("no start-up line in:\n{log}"));
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        assert_eq!(v["trace_id"], hex(&startup.trace_id).as_str(), "{line}");
+        assert_eq!(v["span_id"], hex(&startup.span_id).as_str(), "{line}");
     }
-    // A log line written inside the operation span carries its trace and span ids.
-    let startup = &r
-        .spans
-        .iter()
-        .find(|(_, s)| s.name == "gearhouse.startup")
-        .unwrap()
-        .1;
-    let log = server.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("job traces and operation spans go to the collector"))
-        .unwrap_or_else(|| panic!("no start-up line in:\n{log}"));
-    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
-    assert_eq!(v["trace_id"], hex(&startup.trace_id).as_str(), "{line}");
-    assert_eq!(v["span_id"], hex(&startup.span_id).as_str(), "{line}");
-    drop(r);
     assert!(
         metric(
             server.http_addr(),

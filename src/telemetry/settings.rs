@@ -412,9 +412,11 @@ mod tests {
 
     #[test]
     fn otel_variables_win_over_the_config_file() {
-        let mut cfg = TracingSection::default();
-        cfg.otlp_endpoint = "http://file:4318".into();
-        cfg.sample_ratio = 0.5;
+        let cfg = TracingSection {
+            otlp_endpoint: "http://file:4318".into(),
+            sample_ratio: 0.5,
+            ..Default::default()
+        };
         let s = TraceSettings::resolve(&cfg, env(&[])).unwrap().unwrap();
         assert_eq!(s.endpoint, "http://file:4318/v1/traces");
         assert_eq!(s.protocol, Protocol::HttpProtobuf);
