@@ -272,6 +272,8 @@ timeseries("Jobs followed for traces", "Traced jobs queued or running; sampled j
             (f"sum by (reason) (rate(gearhouse_trace_jobs_untraced_total[{R}]))", "untraced / s {{reason}}")], w=8)
 timeseries("Export time", "Time to send one batch of spans, 99th percentile",
            [(f"histogram_quantile(0.99, sum by (le) (rate(gearhouse_trace_export_seconds_bucket[{R}])))", "p99")], unit="s", w=8)
+timeseries("Tail sampling decisions", "Finished jobs per second by decision and reason: failed, exception, requeued, dropped, refused and slow (tracing.slow_ms) jobs are always kept; ordinary jobs are kept at tracing.sample_ratio (reason ratio)",
+           [(f"sum by (decision, reason) (rate(gearhouse_trace_jobs_sampled_total[{R}]))", "{{decision}} {{reason}}")], unit="short", w=24)
 
 # ---- Process
 row("Process")

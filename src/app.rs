@@ -20,6 +20,8 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Persist(#[from] crate::persist::PersistError),
+    #[error("tracing: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// Runs the server until `shutdown` is cancelled, which starts a graceful stop (see
@@ -46,7 +48,21 @@ pub async fn run_with(
     let shutdown = stop.drain.clone();
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let health = Arc::new(Health::default());
-    let tracer = crate::telemetry::start(&cfg, &metrics);
+    let tracer = crate::telemetry::start(&cfg, &metrics)?;
+    // A short operation span: with an endpoint set, the collector learns that this node started
+    // (and with which settings) even before any job runs.
+    if let Some(t) = &tracer {
+        let s = t.settings();
+        tracing::info_span!("gearhouse.startup", node_id = %cfg.engine_config().node_id).in_scope(
+            || {
+                tracing::info!(
+                    endpoint = %s.endpoint,
+                    sampling = ?s.sampling,
+                    "job traces and operation spans go to the collector"
+                )
+            },
+        );
+    }
     let observer = tracer
         .clone()
         .map(|t| t as Arc<dyn crate::engine::JobObserver>);

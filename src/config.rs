@@ -145,10 +145,17 @@ pub struct PersistenceSection {
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingSection {
+    /// Collector base URL; empty = tracing off (the `OTEL_*` variables win over it).
     pub otlp_endpoint: String,
+    /// `service.name` of every exported span.
     pub service_name: String,
+    /// Share of unremarkable jobs whose traces are kept (tail sampling); 1 = every job.
     pub sample_ratio: f64,
+    /// A job whose queue wait or run time reaches this many milliseconds is always kept.
+    pub slow_ms: u64,
+    /// Job events waiting for the export thread past which new jobs are not traced.
     pub max_queue: usize,
+    /// Jobs followed at once past which new jobs are not traced.
     pub max_jobs_in_flight: usize,
 }
 
@@ -273,6 +280,15 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");
+        }
+        if self.tracing.slow_ms == 0 {
+            return bad(
+                "tracing.slow_ms",
+                "must be at least 1 (a job waiting or running that long is always traced)",
+            );
+        }
+        if self.tracing.max_queue == 0 {
+            return bad("tracing.max_queue", "must be at least 1");
         }
         Ok(())
     }

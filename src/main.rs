@@ -147,7 +147,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = process::redirect_stderr(&cfg.log.file) {
         return fail(CONFIG_ERROR, &e);
     }
-    gearhouse::telemetry::init_logging(&cfg.log);
+    // Logging, plus the export of the server's own `gearhouse.*` spans; an unusable OTEL_*
+    // setting stops the server here, naming the variable. The span exporter runs threads, and
+    // threads do not survive the fork of `-d`: a daemon checks the settings but exports no
+    // operation spans (job traces start after the fork and are unaffected).
+    let _operation_spans = if args.daemon {
+        let checked = gearhouse::telemetry::TraceSettings::resolve(&cfg.tracing, |k| {
+            std::env::var(k).ok()
+        });
+        if let Err(e) = checked {
+            return fail(CONFIG_ERROR, &e);
+        }
+        gearhouse::telemetry::init_logging(&cfg.log);
+        tracing::info!("-d: operation spans are not exported (run under systemd to keep them)");
+        None
+    } else {
+        match gearhouse::telemetry::init_logging_and_tracing(&cfg) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(CONFIG_ERROR, &e),
+        }
+    };
     match &loaded.file {
         Some(f) => tracing::info!(file = %f.display(), "configuration file read"),
         None => tracing::info!(

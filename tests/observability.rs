@@ -419,6 +419,11 @@ async fn a_requeued_job_is_one_trace_with_two_attempts() {
     assert_eq!(v["trace_id"], trace_id.as_str(), "{line}");
     assert_eq!(v["handle"], handle.as_str(), "{line}");
     assert_eq!(v["reason"], "worker disconnected", "{line}");
+    assert_eq!(
+        v["span_id"],
+        hex(&attempts[0].span_id).as_str(),
+        "the span id of the lost attempt: {line}"
+    );
 
     let exported = wait_metric(
         server.http_addr(),
@@ -455,6 +460,8 @@ async fn a_hung_collector_drops_spans_and_never_slows_jobs() {
             ("OTEL_BSP_SCHEDULE_DELAY", "10"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "30000"),
             ("GEARHOUSE_TRACING__MAX_QUEUE", "16"),
+            // Every job is exported, so the first batch already meets the hung collector.
+            ("OTEL_TRACES_SAMPLER", "always_on"),
         ],
     );
     let addr = server.addr();
@@ -811,6 +818,8 @@ async fn prometheus_scrapes_and_every_dashboard_query_returns_data() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // The persist span of an ordinary job is checked below: keep every trace.
+            ("OTEL_TRACES_SAMPLER", "always_on"),
         ],
     );
     let (addr, http) = (server.addr(), server.http_addr());
