@@ -569,11 +569,13 @@ async fn invented_function_names_fold_into_other() {
         "the first {CAP} functions keep their name"
     );
     // Per label: 6 series (3 priorities x 2 modes) for each of the submit, complete, fail,
-    // exception, retry and coalesce counters, 2 histograms of 23 series, 4 exporter gauges,
-    // 3 queue depths (refusals would add more, there are none).
+    // exception, retry and coalesce counters, 6 each for the two refusal reasons a function
+    // can meet (queue_full, not_durable; created at 0), 2 histograms of 23 series, 4 exporter
+    // gauges, 3 queue depths and 1 CAN_DO_TIMEOUT counter; plus, under `__other__` only,
+    // 6 series for refusals of a new function past engine.max_functions.
     assert_eq!(
         series,
-        (CAP + 1) * (6 * 6 + 2 * 23 + 4 + 3),
+        (CAP + 1) * (6 * 6 + 2 * 6 + 2 * 23 + 4 + 3 + 1) + 6,
         "series are bounded by the cap"
     );
     let other = |m: &str| format!("{m}{{function=\"__other__\"}}");
