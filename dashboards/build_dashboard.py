@@ -214,8 +214,9 @@ row("Failures and retries")
 timeseries("Failures by function", "WORK_FAIL (and jobs dropped after engine.job_retries) and WORK_EXCEPTION per second",
            [(f"sum by (function) (rate(gearhouse_jobs_failed_total{{{F}}}[{R}]))", "fail {{function}}"),
             (f"sum by (function) (rate(gearhouse_jobs_exceptions_total{{{F}}}[{R}]))", "exception {{function}}")], unit="reqps", w=8)
-timeseries("Retries", "Jobs put back in the queue because their worker disconnected, timed out or gave up the function",
-           [(f"sum by (function) (rate(gearhouse_jobs_retried_total{{{F}}}[{R}]))", "{{function}}")], unit="reqps", w=8)
+timeseries("Retries and CAN_DO_TIMEOUT failures", "Jobs put back in the queue because their worker disconnected or gave up the function; jobs failed because their worker passed its CAN_DO_TIMEOUT",
+           [(f"sum by (function) (rate(gearhouse_jobs_retried_total{{{F}}}[{R}]))", "retried {{function}}"),
+            (f"sum by (function) (rate(gearhouse_jobs_timed_out_total{{{F}}}[{R}]))", "timed out {{function}}")], unit="reqps", w=8)
 timeseries("Refused and coalesced submits", "Refused with ERROR (by reason) and submits that joined a job with the same unique id",
            [(f"sum by (reason) (rate(gearhouse_jobs_refused_total{{{F}}}[{R}]))", "refused {{reason}}"),
             (f"sum(rate(gearhouse_jobs_coalesced_total{{{F}}}[{R}]))", "coalesced")], unit="reqps", w=8)
@@ -249,6 +250,8 @@ timeseries("Delete latency by node", "Queued delete to memcached's answer",
             (f"histogram_quantile(0.99, sum by (node, le) (rate(gearhouse_memcached_delete_seconds_bucket[{R}])))", "p99 {{node}}")], unit="s", w=8)
 timeseries("memcached errors", "Failed memcached operations per second, by node and operation",
            [(f"sum by (node, op) (rate(gearhouse_memcached_errors_total[{R}]))", "{{node}} {{op}}")], unit="reqps", w=8)
+timeseries("memcached write failures by reason", "Job copies a node failed to store, per second: out_of_memory (more -m, keep -M), too_large (raise -I), timeout, connection, ...",
+           [(f"sum by (node, reason) (rate(gearhouse_memcached_write_failures_total[{R}]))", "{{node}} {{reason}}")], unit="reqps", w=12)
 timeseries("Evictions", "Items memcached evicted (any eviction can lose a job); nodes that can evict (started without -M)",
            [("gearhouse_memcached_evictions", "evictions {{node}}"),
             ("gearhouse_memcached_eviction_enabled", "eviction enabled {{node}}")], w=12)

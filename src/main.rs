@@ -152,9 +152,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     // threads do not survive the fork of `-d`: a daemon checks the settings but exports no
     // operation spans (job traces start after the fork and are unaffected).
     let _operation_spans = if args.daemon {
-        let checked = gearhouse::telemetry::TraceSettings::resolve(&cfg.tracing, |k| {
-            std::env::var(k).ok()
-        });
+        let checked =
+            gearhouse::telemetry::TraceSettings::resolve(&cfg.tracing, |k| std::env::var(k).ok());
         if let Err(e) = checked {
             return fail(CONFIG_ERROR, &e);
         }
