@@ -79,9 +79,9 @@ pub(super) async fn run(
                     Ok(Err(e)) => {
                         // Remove whatever copies were made; the record stays on the dead node.
                         crate::engine::Mirror::delete(p.memcached_mirror(), r.seq);
-                        failure = Some(e);
+                        failure = Some(e.to_string());
                     }
-                    Err(_) => failure = Some("the mirror stopped".into()),
+                    Err(_) => failure = Some("the mirror stopped".to_string()),
                 }
             }
             moved += engine.restore(records, next) as u64;

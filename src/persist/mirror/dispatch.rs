@@ -181,7 +181,7 @@ impl Inner {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 let done = lock(&job.done_slot).take();
                 if let Some(tx) = done {
-                    let _ = tx.send(error.map_or(Ok(()), |e| Err(e.to_string())));
+                    let _ = tx.send(error.map_or(Ok(()), Err));
                 }
             }
             WriteKind::Repair => {}

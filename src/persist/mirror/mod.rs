@@ -62,7 +62,7 @@ pub const MAX_NODES: usize = 15;
 type Completion = (u64, Result<(), WriteError>);
 
 /// Where a takeover copy's outcome goes (text: the takeover's own seam).
-type TakeoverDone = oneshot::Sender<Result<(), String>>;
+type TakeoverDone = oneshot::Sender<Result<(), WriteError>>;
 
 /// Why a write was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,7 +357,7 @@ impl MemcachedMirror {
         &self,
         r: &JobRecord,
         origin: &Origin,
-    ) -> oneshot::Receiver<Result<(), String>> {
+    ) -> oneshot::Receiver<Result<(), WriteError>> {
         let (tx, rx) = oneshot::channel();
         let inner = &self.inner;
         let value = record::encode(r, Some(origin));
@@ -368,7 +368,7 @@ impl MemcachedMirror {
                 .err()
         };
         if let Some((why, Some(tx))) = refused {
-            let _ = tx.send(Err(why.to_string()));
+            let _ = tx.send(Err(why));
         }
         rx
     }
