@@ -139,60 +139,165 @@ impl TraceSettings {
         cfg: &TracingSection,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<TraceSettings>, TelemetryError> {
-        let var = |k: &str| {
-            env(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let either = |traces: &'static str, generic: &'static str| -> Found {
-            var(traces)
-                .map(|v| (traces, v))
-                .or_else(|| var(generic).map(|v| (generic, v)))
-        };
-        let boolean = |name: &'static str| -> Result<Option<bool>, TelemetryError> {
-            match var(name) {
-                None => Ok(None),
-                Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
-                Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
-                Some(v) => refuse(name, v, "use true or false"),
-            }
-        };
-
-        if boolean("OTEL_SDK_DISABLED")? == Some(true) {
+        let v = Vars(env);
+        if v.is_off()? {
             return Ok(None);
         }
-        if let Some(e) = var("OTEL_TRACES_EXPORTER") {
-            match e.as_str() {
-                "otlp" => {}
-                "none" => return Ok(None),
-                _ => {
-                    return refuse(
-                        "OTEL_TRACES_EXPORTER",
-                        e,
-                        "gearhouse exports traces over OTLP only: use otlp or none",
-                    )
-                }
+        let protocol = v.protocol()?;
+        // The sampler is read before the endpoint: always_off turns tracing off either way.
+        let Some(sampling) = v.sampling(cfg)? else {
+            return Ok(None);
+        };
+        let Some(endpoint) = v.endpoint(cfg, protocol)? else {
+            return Ok(None);
+        };
+        let tls = v.tls_files(&endpoint)?;
+        let timeout_ms = v.millis(
+            v.either(
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ),
+            10_000,
+        )?;
+        let schedule_ms = v.millis(v.one("OTEL_BSP_SCHEDULE_DELAY"), 1_000)?;
+        let max_batch = v.millis(v.one("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), 512)?;
+        let headers = match v.either(
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ) {
+            Some((name, h)) => key_values(name, &h)?,
+            None => Vec::new(),
+        };
+        let resource_attributes = match v.var("OTEL_RESOURCE_ATTRIBUTES") {
+            Some(r) => key_values("OTEL_RESOURCE_ATTRIBUTES", &r)?,
+            None => Vec::new(),
+        };
+        let service_name = v
+            .var("OTEL_SERVICE_NAME")
+            .or_else(|| {
+                resource_attributes
+                    .iter()
+                    .find(|(k, _)| k == "service.name")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| cfg.service_name.clone());
+
+        Ok(Some(TraceSettings {
+            endpoint,
+            protocol,
+            certificate: tls.certificate.map(|(_, p)| p.into()),
+            client_certificate: tls.client_certificate.map(|(_, p)| p.into()),
+            client_key: tls.client_key.map(|(_, p)| p.into()),
+            gzip: v.gzip()?,
+            service_name,
+            sampling,
+            slow: Duration::from_millis(cfg.slow_ms.max(1)),
+            max_queue: cfg.max_queue.max(1),
+            max_jobs_in_flight: cfg.max_jobs_in_flight,
+            max_export_batch: max_batch as usize,
+            schedule_delay: Duration::from_millis(schedule_ms),
+            timeout: Duration::from_millis(timeout_ms),
+            headers,
+            resource_attributes,
+        }))
+    }
+
+    /// The resource every span carries: `service.name`, `service.version`,
+    /// `service.instance.id` (the node id, as in job handles), then `OTEL_RESOURCE_ATTRIBUTES`.
+    pub fn resource(&self, node_id: &str) -> Vec<(String, String)> {
+        let mut res = vec![
+            ("service.name".to_string(), self.service_name.clone()),
+            (
+                "service.version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+            ("service.instance.id".to_string(), node_id.to_string()),
+        ];
+        for (k, v) in &self.resource_attributes {
+            if !res.iter().any(|(rk, _)| rk == k) {
+                res.push((k.clone(), v.clone()));
             }
         }
+        res
+    }
+}
 
-        let protocol = match either(
+/// The CA and client certificate files for TLS to the collector, with the variable each came
+/// from.
+struct TlsFiles {
+    certificate: Found,
+    client_certificate: Found,
+    client_key: Found,
+}
+
+/// The `OTEL_*` variables, read through one function (the process environment, or a test's),
+/// each step of [`TraceSettings::resolve`] as a method.
+struct Vars<F: Fn(&str) -> Option<String>>(F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    /// A variable's trimmed value; empty counts as unset.
+    fn var(&self, k: &str) -> Option<String> {
+        (self.0)(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A variable with its name.
+    fn one(&self, name: &'static str) -> Found {
+        self.var(name).map(|v| (name, v))
+    }
+
+    /// The signal-specific variable, else the generic one.
+    fn either(&self, traces: &'static str, generic: &'static str) -> Found {
+        self.one(traces).or_else(|| self.one(generic))
+    }
+
+    fn boolean(&self, found: Found) -> Result<Option<bool>, TelemetryError> {
+        match found {
+            None => Ok(None),
+            Some((_, v)) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Some((_, v)) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            Some((name, v)) => refuse(name, v, "use true or false"),
+        }
+    }
+
+    /// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+    fn is_off(&self) -> Result<bool, TelemetryError> {
+        if self.boolean(self.one("OTEL_SDK_DISABLED"))? == Some(true) {
+            return Ok(true);
+        }
+        match self.var("OTEL_TRACES_EXPORTER") {
+            None => Ok(false),
+            Some(e) if e == "otlp" => Ok(false),
+            Some(e) if e == "none" => Ok(true),
+            Some(e) => refuse(
+                "OTEL_TRACES_EXPORTER",
+                e,
+                "gearhouse exports traces over OTLP only: use otlp or none",
+            ),
+        }
+    }
+
+    fn protocol(&self) -> Result<Protocol, TelemetryError> {
+        match self.either(
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ) {
-            None => Protocol::HttpProtobuf,
-            Some((_, p)) if p == "http/protobuf" => Protocol::HttpProtobuf,
-            Some((_, p)) if p == "grpc" => Protocol::Grpc,
-            Some((name, p)) => {
-                return refuse(
-                    name,
-                    p,
-                    "use grpc (collector port 4317) or http/protobuf (port 4318); http/json is not supported",
-                )
-            }
-        };
+            None => Ok(Protocol::HttpProtobuf),
+            Some((_, p)) if p == "http/protobuf" => Ok(Protocol::HttpProtobuf),
+            Some((_, p)) if p == "grpc" => Ok(Protocol::Grpc),
+            Some((name, p)) => refuse(
+                name,
+                p,
+                "use grpc (collector port 4317) or http/protobuf (port 4318); http/json is not supported",
+            ),
+        }
+    }
 
-        // The sampler is read before the endpoint: always_off turns tracing off either way.
-        let arg = match var("OTEL_TRACES_SAMPLER_ARG") {
+    /// `OTEL_TRACES_SAMPLER` and its argument, else `tracing.sample_ratio`; `None` when the
+    /// sampler turns tracing off.
+    fn sampling(&self, cfg: &TracingSection) -> Result<Option<Sampling>, TelemetryError> {
+        let arg = match self.var("OTEL_TRACES_SAMPLER_ARG") {
             None => None,
             Some(a) => match a.parse::<f64>() {
                 Ok(r) if (0.0..=1.0).contains(&r) => Some(r),
@@ -205,7 +310,7 @@ impl TraceSettings {
                 }
             },
         };
-        let ratio = match var("OTEL_TRACES_SAMPLER").as_deref() {
+        let ratio = match self.var("OTEL_TRACES_SAMPLER").as_deref() {
             Some("always_on") | Some("parentbased_always_on") => 1.0,
             Some("always_off") | Some("parentbased_always_off") => return Ok(None),
             // The specification's default argument for a ratio sampler is 1.0.
@@ -219,26 +324,28 @@ impl TraceSettings {
             }
             None => arg.unwrap_or(cfg.sample_ratio),
         };
-        let sampling = if ratio >= 1.0 {
+        Ok(Some(if ratio >= 1.0 {
             Sampling::All
         } else {
             Sampling::Tail {
                 ratio: ratio.max(0.0),
             }
-        };
+        }))
+    }
 
-        let insecure = match either(
+    /// The collector URL for traces; `None` when no endpoint is set (tracing off).
+    fn endpoint(
+        &self,
+        cfg: &TracingSection,
+        protocol: Protocol,
+    ) -> Result<Option<String>, TelemetryError> {
+        let insecure = self.boolean(self.either(
             "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
             "OTEL_EXPORTER_OTLP_INSECURE",
-        ) {
-            None => None,
-            Some((_, v)) if v.eq_ignore_ascii_case("true") => Some(true),
-            Some((_, v)) if v.eq_ignore_ascii_case("false") => Some(false),
-            Some((name, v)) => return refuse(name, v, "use true or false"),
-        };
-        let (name, raw, signal) = if let Some(e) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        ))?;
+        let (name, raw, signal) = if let Some(e) = self.var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e, true)
-        } else if let Some(e) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        } else if let Some(e) = self.var("OTEL_EXPORTER_OTLP_ENDPOINT") {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", e, false)
         } else if !cfg.otlp_endpoint.trim().is_empty() {
             (
@@ -273,21 +380,26 @@ impl TraceSettings {
                 if endpoint.starts_with("https://") { "TLS" } else { "plaintext" }
             );
         }
+        Ok(Some(endpoint))
+    }
 
-        let file = |traces: &'static str, generic: &'static str| either(traces, generic);
-        let certificate = file(
-            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-        );
-        let client_certificate = file(
-            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-        );
-        let client_key = file(
-            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-        );
-        match (&client_certificate, &client_key) {
+    /// The CA and client certificate files (both or neither of certificate and key).
+    fn tls_files(&self, endpoint: &str) -> Result<TlsFiles, TelemetryError> {
+        let files = TlsFiles {
+            certificate: self.either(
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ),
+            client_certificate: self.either(
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ),
+            client_key: self.either(
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ),
+        };
+        match (&files.client_certificate, &files.client_key) {
             (Some((n, v)), None) | (None, Some((n, v))) => return refuse(
                 n,
                 v.clone(),
@@ -296,96 +408,37 @@ impl TraceSettings {
             _ => {}
         }
         if !endpoint.starts_with("https://") {
-            for (n, _) in [&certificate, &client_certificate].into_iter().flatten() {
+            for (n, _) in [&files.certificate, &files.client_certificate]
+                .into_iter()
+                .flatten()
+            {
                 tracing::warn!("{n} is set but {endpoint} is not https: it is not used");
             }
         }
+        Ok(files)
+    }
 
-        let gzip = match either(
+    fn gzip(&self) -> Result<bool, TelemetryError> {
+        match self.either(
             "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
             "OTEL_EXPORTER_OTLP_COMPRESSION",
         ) {
-            None => false,
-            Some((_, c)) if c == "gzip" => true,
-            Some((_, c)) if c == "none" => false,
-            Some((name, c)) => return refuse(name, c, "use gzip or none"),
-        };
-        let millis = |found: Found, default: u64| -> Result<u64, TelemetryError> {
-            match found {
-                None => Ok(default),
-                Some((name, v)) => match v.parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(n),
-                    _ => refuse(name, v, "write a whole number of milliseconds above 0"),
-                },
-            }
-        };
-        let one = |name: &'static str| var(name).map(|v| (name, v));
-        let timeout_ms = millis(
-            either(
-                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-                "OTEL_EXPORTER_OTLP_TIMEOUT",
-            ),
-            10_000,
-        )?;
-        let schedule_ms = millis(one("OTEL_BSP_SCHEDULE_DELAY"), 1_000)?;
-        let max_batch = millis(one("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), 512)?;
-        let headers = match either(
-            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
-            "OTEL_EXPORTER_OTLP_HEADERS",
-        ) {
-            Some((name, h)) => key_values(name, &h)?,
-            None => Vec::new(),
-        };
-        let resource_attributes = match var("OTEL_RESOURCE_ATTRIBUTES") {
-            Some(r) => key_values("OTEL_RESOURCE_ATTRIBUTES", &r)?,
-            None => Vec::new(),
-        };
-        let service_name = var("OTEL_SERVICE_NAME")
-            .or_else(|| {
-                resource_attributes
-                    .iter()
-                    .find(|(k, _)| k == "service.name")
-                    .map(|(_, v)| v.clone())
-            })
-            .unwrap_or_else(|| cfg.service_name.clone());
-
-        Ok(Some(TraceSettings {
-            endpoint,
-            protocol,
-            certificate: certificate.map(|(_, p)| p.into()),
-            client_certificate: client_certificate.map(|(_, p)| p.into()),
-            client_key: client_key.map(|(_, p)| p.into()),
-            gzip,
-            service_name,
-            sampling,
-            slow: Duration::from_millis(cfg.slow_ms.max(1)),
-            max_queue: cfg.max_queue.max(1),
-            max_jobs_in_flight: cfg.max_jobs_in_flight,
-            max_export_batch: max_batch as usize,
-            schedule_delay: Duration::from_millis(schedule_ms),
-            timeout: Duration::from_millis(timeout_ms),
-            headers,
-            resource_attributes,
-        }))
+            None => Ok(false),
+            Some((_, c)) if c == "gzip" => Ok(true),
+            Some((_, c)) if c == "none" => Ok(false),
+            Some((name, c)) => refuse(name, c, "use gzip or none"),
+        }
     }
 
-    /// The resource every span carries: `service.name`, `service.version`,
-    /// `service.instance.id` (the node id, as in job handles), then `OTEL_RESOURCE_ATTRIBUTES`.
-    pub fn resource(&self, node_id: &str) -> Vec<(String, String)> {
-        let mut res = vec![
-            ("service.name".to_string(), self.service_name.clone()),
-            (
-                "service.version".to_string(),
-                env!("CARGO_PKG_VERSION").to_string(),
-            ),
-            ("service.instance.id".to_string(), node_id.to_string()),
-        ];
-        for (k, v) in &self.resource_attributes {
-            if !res.iter().any(|(rk, _)| rk == k) {
-                res.push((k.clone(), v.clone()));
-            }
+    /// A positive whole number (milliseconds, or a count), else `default`.
+    fn millis(&self, found: Found, default: u64) -> Result<u64, TelemetryError> {
+        match found {
+            None => Ok(default),
+            Some((name, v)) => match v.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => refuse(name, v, "write a whole number of milliseconds above 0"),
+            },
         }
-        res
     }
 }
 
