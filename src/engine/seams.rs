@@ -49,6 +49,8 @@ pub enum JobOutcome {
     Dropped,
     /// Its durable write failed: the client got ERROR QUEUE_ERROR.
     Refused,
+    /// Its worker passed its CAN_DO_TIMEOUT: the clients got WORK_FAIL.
+    TimedOut,
 }
 
 impl JobOutcome {
@@ -61,6 +63,7 @@ impl JobOutcome {
             JobOutcome::Cancelled => "cancelled",
             JobOutcome::Dropped => "dropped",
             JobOutcome::Refused => "refused",
+            JobOutcome::TimedOut => "timed_out",
         }
     }
 }

@@ -102,7 +102,7 @@ impl Engine {
         send_each(&st.conns, job.waiters(), &pkt, metrics, &mut st.deferred);
         // Still marked Running (its running count already released): remove_job leaves the
         // queue counters alone.
-        self.remove_job(st, slot, JobOutcome::Fail);
+        self.remove_job(st, slot, JobOutcome::TimedOut);
     }
 
     /// Runs the timer loop (epoch jobs, worker timeouts) until `shutdown`.

@@ -99,7 +99,7 @@ impl TailSampler {
     /// Why the job is remarkable, if it is.
     pub(crate) fn reason(&self, f: &Finished) -> Reason {
         match f.outcome {
-            JobOutcome::Fail => Reason::Failed,
+            JobOutcome::Fail | JobOutcome::TimedOut => Reason::Failed,
             JobOutcome::Exception => Reason::Exception,
             JobOutcome::Dropped => Reason::Dropped,
             JobOutcome::Refused => Reason::Refused,
@@ -149,6 +149,7 @@ mod tests {
         );
         let tid = u128::MAX;
         assert!(s.keep(tid, &job(JobOutcome::Fail, 1, 0, 0)));
+        assert!(s.keep(tid, &job(JobOutcome::TimedOut, 1, 0, 0)));
         assert!(s.keep(tid, &job(JobOutcome::Exception, 1, 0, 0)));
         assert!(s.keep(tid, &job(JobOutcome::Dropped, 3, 0, 0)));
         assert!(s.keep(tid, &job(JobOutcome::Refused, 0, 0, 0)));

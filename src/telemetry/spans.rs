@@ -254,6 +254,7 @@ impl Batch {
                         None if attempt_no == last_attempt => match outcome {
                             JobOutcome::Fail => Some("the worker sent WORK_FAIL"),
                             JobOutcome::Exception => Some("the worker sent WORK_EXCEPTION"),
+                            JobOutcome::TimedOut => Some("the worker passed its CAN_DO_TIMEOUT"),
                             _ => None,
                         },
                         None => None,
@@ -297,6 +298,7 @@ impl Batch {
             JobOutcome::Exception => Some("the worker sent WORK_EXCEPTION"),
             JobOutcome::Dropped => Some("dropped after engine.job_retries attempts"),
             JobOutcome::Refused => Some("its durable write failed (ERROR QUEUE_ERROR)"),
+            JobOutcome::TimedOut => Some("its worker passed its CAN_DO_TIMEOUT (WORK_FAIL sent)"),
         };
         out.push(Span {
             trace_id: trace_bytes,
