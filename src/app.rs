@@ -45,10 +45,50 @@ pub async fn run_with(
     http_listener: TcpListener,
     stop: Shutdown,
 ) -> Result<(), AppError> {
-    let shutdown = stop.drain.clone();
+    let parts = build(&cfg)?;
+    if parts.persistence.is_none() {
+        tracing::info!(
+            listen = %gearman.local_addr()?,
+            http = %http_listener.local_addr()?,
+            node_id = %parts.engine.config().node_id,
+            "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
+        );
+    }
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        parts.engine.clone(),
+        parts.health.clone(),
+        // Metrics and health stay up while a graceful stop drains.
+        stop.now.clone(),
+    ));
+    if let Some(p) = &parts.persistence {
+        if let Err(e) = recover(p, &parts, &gearman, &stop).await {
+            stop.now();
+            p.stop(Duration::ZERO).await;
+            let _ = http_task.await;
+            return match e {
+                crate::persist::PersistError::Shutdown => Ok(()),
+                e => Err(e.into()),
+            };
+        }
+    }
+    serve(&cfg, &parts, gearman, stop).await?;
+    finish(&cfg, parts, http_task).await;
+    Ok(())
+}
+
+/// What one server is made of.
+struct Parts {
+    engine: Engine,
+    health: Arc<Health>,
+    persistence: Option<crate::persist::Persistence>,
+    tracer: Option<Arc<crate::telemetry::JobTracer>>,
+}
+
+/// Metrics, job tracing, the durable mirror and the engine, wired together.
+fn build(cfg: &Config) -> Result<Parts, AppError> {
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
-    let health = Arc::new(Health::default());
-    let tracer = crate::telemetry::start(&cfg, &metrics)?;
+    let tracer = crate::telemetry::start(cfg, &metrics)?;
     // A short operation span: with an endpoint set, the collector learns that this node started
     // (and with which settings) even before any job runs.
     if let Some(t) = &tracer {
@@ -66,62 +106,75 @@ pub async fn run_with(
     let observer = tracer
         .clone()
         .map(|t| t as Arc<dyn crate::engine::JobObserver>);
-    let persistence = crate::persist::Settings::from_config(&cfg)?
+    let persistence = crate::persist::Settings::from_config(cfg)?
         .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
     let mirror = persistence.as_ref().map(|p| p.mirror());
     let mirror = crate::telemetry::traced_mirror(mirror, &tracer);
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
-    if persistence.is_none() {
-        tracing::info!(
-            listen = %gearman.local_addr()?,
-            http = %http_listener.local_addr()?,
-            node_id = %engine.config().node_id,
-            "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
-        );
-    }
-    let http_task = tokio::spawn(http::serve(
-        http_listener,
-        engine.clone(),
-        health.clone(),
-        // Metrics and health stay up while a graceful stop drains.
-        stop.now.clone(),
-    ));
-    if let Some(p) = &persistence {
-        // Recovery completes before the Gearman listener accepts anyone.
-        // Until it does, clients are refused at once rather than left waiting.
-        let started = tokio::select! {
-            r = p.start(&engine, health.clone(), shutdown.clone()) => r,
-            never = server::refuse_while_recovering(&gearman, &engine) => match never {},
-            _ = shutdown.cancelled() => Err(crate::persist::PersistError::Shutdown),
-        };
-        if let Err(e) = started {
-            stop.now();
-            p.stop(Duration::ZERO).await;
-            let _ = http_task.await;
-            return match e {
-                crate::persist::PersistError::Shutdown => Ok(()),
-                e => Err(e.into()),
-            };
-        }
-        tracing::info!(
-            listen = %gearman.local_addr()?,
-            node_id = %engine.config().node_id,
-            "recovery done: accepting clients"
-        );
-    }
-    health.set_ready(true);
-    let server_cfg = Arc::new(cfg.server_config());
+    Ok(Parts {
+        engine,
+        health: Arc::new(Health::default()),
+        persistence,
+        tracer,
+    })
+}
+
+/// Reads the durable queue back before the Gearman listener accepts anyone; until then,
+/// clients are refused at once rather than left waiting.
+async fn recover(
+    p: &crate::persist::Persistence,
+    parts: &Parts,
+    gearman: &TcpListener,
+    stop: &Shutdown,
+) -> Result<(), crate::persist::PersistError> {
+    let drain = &stop.drain;
+    tokio::select! {
+        r = p.start(&parts.engine, parts.health.clone(), drain.clone()) => r?,
+        never = server::refuse_while_recovering(gearman, &parts.engine) => match never {},
+        _ = drain.cancelled() => return Err(crate::persist::PersistError::Shutdown),
+    };
+    let listen = gearman
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        %listen,
+        node_id = %parts.engine.config().node_id,
+        "recovery done: accepting clients"
+    );
+    Ok(())
+}
+
+/// Serves Gearman until the stop is over; `/readyz` says 503 from the moment a drain begins.
+async fn serve(
+    cfg: &Config,
+    parts: &Parts,
+    gearman: TcpListener,
+    stop: Shutdown,
+) -> std::io::Result<()> {
+    parts.health.set_ready(true);
     let not_ready = {
-        let (health, drain) = (health.clone(), stop.drain.clone());
+        let (health, drain) = (parts.health.clone(), stop.drain.clone());
         tokio::spawn(async move {
             drain.cancelled().await;
             health.set_ready(false);
         })
     };
-    server::run(gearman, engine.clone(), server_cfg, stop).await?;
+    let server_cfg = Arc::new(cfg.server_config());
+    let served = server::run(gearman, parts.engine.clone(), server_cfg, stop).await;
     not_ready.abort();
-    if persistence.is_none() {
-        let queued = engine.totals().jobs;
+    served
+}
+
+/// After the last connection closed: says what an in-memory queue loses, flushes the mirror,
+/// the HTTP listener and the job traces, each within `server.shutdown_timeout_ms`.
+async fn finish(
+    cfg: &Config,
+    parts: Parts,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    if parts.persistence.is_none() {
+        let queued = parts.engine.totals().jobs;
         if queued > 0 {
             tracing::warn!(
                 jobs = queued,
@@ -130,12 +183,11 @@ pub async fn run_with(
         }
     }
     let grace = Duration::from_millis(cfg.server.shutdown_timeout_ms);
-    if let Some(p) = &persistence {
+    if let Some(p) = &parts.persistence {
         p.stop(grace).await;
     }
     let _ = tokio::time::timeout(grace, http_task).await;
-    if let Some(t) = tracer {
+    if let Some(t) = parts.tracer {
         let _ = tokio::task::spawn_blocking(move || t.shutdown(grace)).await;
     }
-    Ok(())
 }

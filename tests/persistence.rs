@@ -625,13 +625,19 @@ async fn memcached_down_at_start_up_keeps_the_server_unready_until_it_comes() {
         metric(http_addr, "gearhouse_recovery_failed", "").await,
         1.0
     );
-    // Gearman clients are not served before recovery.
+    // Gearman clients are not served before recovery: they are refused at once (and fail over)
+    // rather than left hanging.
     let mut c = Conn::connect(addr).await;
     c.send(ECHO_REQ, &[b"hi"]).await;
-    assert!(c.recv_timeout(Duration::from_millis(300)).await.is_none());
+    let refused = c.expect(ERROR).await;
+    assert_eq!(refused.arg(0), "QUEUE_ERROR");
+    assert!(refused.arg(1).contains("recovering"), "{}", refused.arg(1));
+    assert!(c.is_closed_within(Duration::from_secs(2)).await);
     // memcached arrives: recovery completes and durable submits work.
     m.restart_empty();
     common::wait_ready(http_addr).await;
+    let mut c = Conn::connect(addr).await;
+    c.send(ECHO_REQ, &[b"hi"]).await;
     assert_eq!(c.expect(ECHO_RES).await.arg(0), "hi");
     let h = submit(
         &mut c,
