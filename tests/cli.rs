@@ -120,21 +120,33 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A raw ECHO_REQ/ECHO_RES round trip: the server speaks Gearman on `addr`.
+/// A raw ECHO_REQ/ECHO_RES round trip: the server speaks Gearman on `addr`. While a durable
+/// server still recovers its queue it answers ERROR and closes: try again, for up to 10 s.
 fn echo(addr: SocketAddr) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = b"hello gearmand users";
-    let mut req = b"\0REQ".to_vec();
-    req.extend(16u32.to_be_bytes());
-    req.extend((body.len() as u32).to_be_bytes());
-    req.extend(body);
-    s.write_all(&req).unwrap();
-    let mut res = vec![0u8; 12 + body.len()];
-    s.read_exact(&mut res).unwrap();
-    assert_eq!(&res[..4], b"\0RES");
-    assert_eq!(u32::from_be_bytes(res[4..8].try_into().unwrap()), 17);
-    assert_eq!(&res[12..], body);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = b"hello gearmand users";
+        let mut req = b"\0REQ".to_vec();
+        req.extend(16u32.to_be_bytes());
+        req.extend((body.len() as u32).to_be_bytes());
+        req.extend(body);
+        s.write_all(&req).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head[..4], b"\0RES");
+        let kind = u32::from_be_bytes(head[4..8].try_into().unwrap());
+        if kind == 19 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        assert_eq!(kind, 17, "ECHO_RES expected");
+        let mut res = vec![0u8; body.len()];
+        s.read_exact(&mut res).unwrap();
+        assert_eq!(&res[..], body);
+        return;
+    }
 }
 
 fn wait_listening(addr: SocketAddr) {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use gearhouse::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::Conn;
 
@@ -18,7 +17,9 @@ use super::Conn;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub http: SocketAddr,
-    pub shutdown: CancellationToken,
+    /// The server's stop: tests end it at once ([`TestServer::stop`]); the graceful drain is
+    /// tested on the real binary (tests/shutdown.rs).
+    pub shutdown: gearhouse::server::Shutdown,
     pub task: tokio::task::JoinHandle<Result<(), gearhouse::app::AppError>>,
 }
 
@@ -34,8 +35,13 @@ impl TestServer {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = gearman.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(gearhouse::app::run(cfg, gearman, http, shutdown.clone()));
+        let shutdown = gearhouse::server::Shutdown::default();
+        let task = tokio::spawn(gearhouse::app::run_with(
+            cfg,
+            gearman,
+            http,
+            shutdown.clone(),
+        ));
         wait_ready(http_addr).await;
         TestServer {
             addr,
@@ -50,7 +56,7 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        self.shutdown.now();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
 }
