@@ -23,22 +23,7 @@ pub async fn background(args: &Args) -> io::Result<()> {
     let progress = Arc::new(Progress::new(args.segment));
     let cpu = CpuMeter::start(args.server_pid);
     let t0 = Instant::now();
-    let clients: Vec<_> = (0..args.clients)
-        .map(|i| {
-            tokio::spawn(bg_client(
-                args.clone(),
-                i,
-                per_client(n, args.clients, i),
-                progress.clone(),
-                shared.clone(),
-                prefix.clone(),
-            ))
-        })
-        .collect();
-    let mut submitted_at = t0;
-    for c in clients {
-        submitted_at = submitted_at.max(c.await.map_err(io::Error::other)??);
-    }
+    let submitted_at = run_bg_clients(&args, n, &progress, &shared, &prefix, t0).await?;
     let created = progress.created.load(Ordering::Acquire);
     let stop = workers.stop.clone();
     let watch = {
@@ -163,22 +148,7 @@ pub async fn submit_only(args: &Args) -> io::Result<()> {
     let progress = Arc::new(Progress::new(args.segment));
     let cpu = CpuMeter::start(args.server_pid);
     let t0 = Instant::now();
-    let clients: Vec<_> = (0..args.clients)
-        .map(|i| {
-            tokio::spawn(bg_client(
-                args.clone(),
-                i,
-                per_client(n, args.clients, i),
-                progress.clone(),
-                shared.clone(),
-                prefix.clone(),
-            ))
-        })
-        .collect();
-    let mut end = t0;
-    for c in clients {
-        end = end.max(c.await.map_err(io::Error::other)??);
-    }
+    let end = run_bg_clients(&args, n, &progress, &shared, &prefix, t0).await?;
     let created = progress.created.load(Ordering::Acquire);
     let total = end - t0;
     let (cpu_line, cpu) = cpu.report(created);
@@ -252,4 +222,33 @@ pub async fn drain(args: &Args) -> io::Result<()> {
         rss(args.server_pid)
     );
     Ok(())
+}
+
+/// Runs `args.clients` background submitters sharing `n` jobs; returns when the last one has
+/// all its JOB_CREATED (or `t0` if none ran).
+async fn run_bg_clients(
+    args: &Arc<Args>,
+    n: u64,
+    progress: &Arc<Progress>,
+    shared: &Arc<Shared>,
+    prefix: &Arc<String>,
+    t0: Instant,
+) -> io::Result<Instant> {
+    let clients: Vec<_> = (0..args.clients)
+        .map(|i| {
+            tokio::spawn(bg_client(
+                args.clone(),
+                i,
+                per_client(n, args.clients, i),
+                progress.clone(),
+                shared.clone(),
+                prefix.clone(),
+            ))
+        })
+        .collect();
+    let mut end = t0;
+    for c in clients {
+        end = end.max(c.await.map_err(io::Error::other)??);
+    }
+    Ok(end)
 }
