@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, when it is missing: memcached, the real Gearman clients
 # (gearman CLI and gearadmin, PHP's gearman extension, Perl Gearman::Client, Python gear),
+# openssl for the TLS tests' certificates,
 # gearmand for side-by-side runs, and Prometheus with promtool. Debian; needs root (or sudo).
 set -euo pipefail
 
@@ -18,6 +19,7 @@ perl -MGearman::Client -e1 2>/dev/null || need+=(libgearman-client-perl)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+command -v openssl >/dev/null || need+=(openssl)   # test certificates (tests/tracing.rs)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
