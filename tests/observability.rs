@@ -17,6 +17,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
+use common::otlp::{attr, int_attr, spans_with_service, str_attr};
 use common::{free_port, http_get, BinServer, Conn};
 use gearhouse::codec::PacketType::*;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -59,18 +60,7 @@ async fn otlp_receiver(behaviour: Behaviour) -> Receiver {
         let req = ExportTraceServiceRequest::decode(body).expect("a valid OTLP protobuf body");
         let mut g = got.lock().unwrap();
         g.requests += 1;
-        for rs in req.resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| str_attr(&r.attributes, "service.name"))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    g.spans.push((service.clone(), s));
-                }
-            }
-        }
+        g.spans.extend(spans_with_service(req));
         (
             [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
             Vec::new(),
@@ -89,28 +79,6 @@ async fn otlp_receiver(behaviour: Behaviour) -> Receiver {
         addr,
         got,
         _task: task,
-    }
-}
-
-fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
-}
-
-fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    match attr(attrs, key)? {
-        any_value::Value::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
-    match attr(attrs, key)? {
-        any_value::Value::IntValue(i) => Some(*i),
-        _ => None,
     }
 }
 

@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
+use common::otlp::{spans_with_service, str_attr};
 use common::{http_get, BinServer, Conn};
 use gearhouse::codec::PacketType::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -27,7 +28,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
@@ -48,36 +48,11 @@ impl Received {
     fn record(&mut self, req: ExportTraceServiceRequest, auth: String, encoding: String) {
         self.authorization.push(auth);
         self.encodings.push(encoding);
-        for rs in req.resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| str_attr(&r.attributes, "service.name"))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    self.spans.push((service.clone(), s));
-                }
-            }
-        }
+        self.spans.extend(spans_with_service(req));
     }
 }
 
 type Got = Arc<Mutex<Received>>;
-
-fn str_attr(attrs: &[KeyValue], key: &str) -> Option<String> {
-    match attrs
-        .iter()
-        .find(|kv| kv.key == key)?
-        .value
-        .as_ref()?
-        .value
-        .as_ref()?
-    {
-        any_value::Value::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
-}
 
 /// Waits until `pred` holds for what the receiver got; panics with `what` after `t`.
 async fn wait_for(got: &Got, what: &str, t: Duration, pred: impl Fn(&Received) -> bool) {

@@ -52,7 +52,7 @@ impl Progress {
     }
     fn created(&self) {
         let c = self.created.fetch_add(1, Ordering::AcqRel) + 1;
-        if c % self.segment == 0 {
+        if c.is_multiple_of(self.segment) {
             self.marks.lock().unwrap().push((c, Instant::now()));
         }
     }

@@ -28,7 +28,7 @@ impl Engine {
     pub(super) fn add_timer(&self, st: &mut State, due_ns: u64, t: Timer) {
         let earliest = st.timers.peek().map(|Reverse((d, _))| *d);
         st.timers.push(Reverse((due_ns, t)));
-        if earliest.map_or(true, |e| due_ns < e) {
+        if earliest.is_none_or(|e| due_ns < e) {
             self.shared.timer_wake.notify_one();
         }
     }

@@ -4,11 +4,13 @@
 //! - [`conn`]: a raw Gearman connection ([`Conn`]) reading through the crate's client, and
 //!   [`client`] for a typed [`gearhouse::client::Connection`];
 //! - [`memcached`]: real memcached processes;
-//! - [`process`]: real client programs as child processes with bounded waits (interop tests).
+//! - [`process`]: real client programs as child processes with bounded waits (interop tests);
+//! - [`otlp`]: reading what an OTLP exporter sent (the trace receivers).
 #![allow(dead_code, unused_imports)]
 
 pub mod conn;
 pub mod memcached;
+pub mod otlp;
 pub mod process;
 pub mod server;
 
