@@ -120,30 +120,38 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A raw ECHO_REQ/ECHO_RES round trip: the server speaks Gearman on `addr`. While a durable
-/// server still recovers its queue it answers ERROR and closes: try again, for up to 10 s.
+/// A raw ECHO_REQ/ECHO_RES round trip: the server speaks Gearman on `addr`. Tried again for up
+/// to 10 s while the answer is ERROR (a durable server still recovering its queue) or the
+/// connection fails (a freed port can briefly be someone else's ephemeral port).
 fn echo(addr: SocketAddr) {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let body = b"hello gearmand users";
+    let body = b"hello gearmand users";
+    let once = || -> std::io::Result<(u32, Vec<u8>)> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut req = b"\0REQ".to_vec();
         req.extend(16u32.to_be_bytes());
         req.extend((body.len() as u32).to_be_bytes());
         req.extend(body);
-        s.write_all(&req).unwrap();
+        s.write_all(&req)?;
         let mut head = [0u8; 12];
-        s.read_exact(&mut head).unwrap();
+        s.read_exact(&mut head)?;
         assert_eq!(&head[..4], b"\0RES");
         let kind = u32::from_be_bytes(head[4..8].try_into().unwrap());
-        if kind == 19 && std::time::Instant::now() < until {
+        let len = u32::from_be_bytes(head[8..12].try_into().unwrap()) as usize;
+        let mut res = vec![0u8; len];
+        s.read_exact(&mut res)?;
+        Ok((kind, res))
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = once();
+        let retry = !matches!(got, Ok((17, _)));
+        if retry && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        let (kind, res) = got.expect("an answer to ECHO_REQ");
         assert_eq!(kind, 17, "ECHO_RES expected");
-        let mut res = vec![0u8; body.len()];
-        s.read_exact(&mut res).unwrap();
         assert_eq!(&res[..], body);
         return;
     }
