@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to, when it is missing: memcached, the real Gearman clients
 # (gearman CLI and gearadmin, PHP's gearman extension, Perl Gearman::Client, Python gear),
-# openssl for the TLS tests' certificates,
-# gearmand for side-by-side runs, and Prometheus with promtool. Debian; needs root (or sudo).
+# openssl for the TLS tests' certificates, redis-server and sqlite3 (gearmand's queue stores
+# for the import tests), gearmand for side-by-side runs, and Prometheus with promtool.
+# Debian; needs root (or sudo).
 set -euo pipefail
 
 SUDO=""
@@ -20,6 +21,8 @@ command -v prometheus >/dev/null || need+=(prometheus)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
 command -v openssl >/dev/null || need+=(openssl)   # test certificates (tests/tracing.rs)
+command -v redis-server >/dev/null || need+=(redis-server)   # gearmand -q redis (tests/import.rs)
+command -v sqlite3 >/dev/null || need+=(sqlite3)   # inspecting gearmand -q libsqlite3 queues
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
@@ -34,7 +37,7 @@ if ! python3 -c 'import gear' 2>/dev/null; then
 fi
 
 # The Debian packages start services on install; the tests start their own on free ports.
-for svc in memcached gearman-job-server prometheus prometheus-node-exporter; do
+for svc in memcached gearman-job-server redis-server prometheus prometheus-node-exporter; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $SUDO systemctl stop "$svc" || true
   fi

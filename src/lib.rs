@@ -13,6 +13,8 @@
 //! - [`app`]: wires the pieces together for the binary and for tests.
 //! - [`client`]: a small async Gearman client (pipelined connection, client and worker calls,
 //!   admin commands) used by `gearhouse recover`, the integration tests and the load generator.
+//! - [`import`]: `gearhouse import`, gearmand's persistent queue (sqlite, redis, memcached)
+//!   moved into a running gearhouse, each job deleted from the source after its ack.
 //! - [`cli`]: the command line (gearhouse's and gearmand's) and the process around the server
 //!   (bind retry, daemon, pid file, privileges, systemd readiness); [`net`]: socket options.
 
@@ -24,6 +26,7 @@ pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod import;
 pub mod metrics;
 pub mod net;
 pub mod persist;

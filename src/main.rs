@@ -261,6 +261,11 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(RUNTIME_ERROR, e.as_ref()),
         },
+        Command::Import(a) => match gearhouse::import::run(&a) {
+            Ok(sum) if sum.complete() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(RUNTIME_ERROR),
+            Err(e) => fail(RUNTIME_ERROR, &e),
+        },
         Command::Config(args) => show_config(args),
         Command::Serve(args) => serve(args),
     }

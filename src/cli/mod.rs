@@ -43,6 +43,50 @@ pub enum Command {
     Config(ServeArgs),
     /// Move a dead node's durable queue from memcached into a running server, once.
     Recover(RecoverArgs),
+    /// Move the jobs waiting in gearmand 1.1.20's persistent queue into a running gearhouse
+    /// (each deleted from the source only after gearhouse acknowledged it).
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// Which gearmand queue store to read.
+    #[command(subcommand)]
+    pub source: ImportSource,
+    /// Gearman address of the running gearhouse that receives the jobs.
+    #[arg(long, default_value = "127.0.0.1:4730", global = true)]
+    pub server: String,
+}
+
+/// gearmand's queue stores `gearhouse import` reads (see `crate::import`).
+#[derive(Subcommand, Debug)]
+pub enum ImportSource {
+    /// gearmand -q libsqlite3 --libsqlite3-db FILE.
+    Sqlite {
+        /// The --libsqlite3-db file (gearmand stopped).
+        file: PathBuf,
+        /// The --libsqlite3-table.
+        #[arg(long, default_value = "gearman_queue")]
+        table: String,
+    },
+    /// gearmand -q redis --redis-server HOST --redis-port PORT.
+    Redis {
+        /// The redis server, HOST:PORT.
+        addr: String,
+        /// The --redis-prefix.
+        #[arg(long, default_value = "_gear_")]
+        prefix: String,
+    },
+    /// gearmand -q libmemcached --libmemcached-servers=...; best effort (memcached cannot list
+    /// every key: run it again until it finds none).
+    Memcached {
+        /// The memcached servers, HOST:PORT[,HOST:PORT...].
+        #[arg(value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// The key prefix (gearmand's is built in: `gear_`).
+        #[arg(long, default_value = "gear_")]
+        prefix: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
