@@ -232,8 +232,16 @@ impl Persistence {
         health.set_not_durable(None);
         self.mirror.start(health.clone(), shutdown.clone());
         if !s.recover_from_node.is_empty() {
+            let span = tracing::info_span!(
+                "gearhouse.takeover",
+                from_node = %s.recover_from_node,
+                into_node = %s.node_id,
+            );
             loop {
-                match takeover::run(self, engine, &origins).await {
+                match takeover::run(self, engine, &origins)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!("taking over node {}: {e}", s.recover_from_node);

@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use tracing::Instrument;
 
 use super::record;
 use super::recovery::{Cluster, RangeScan};
@@ -155,6 +156,15 @@ async fn submit(
 /// Jobs the server refuses stay in memcached (run it again). If this command itself dies
 /// between a JOB_CREATED and the delete, that job can be submitted twice.
 pub async fn recover_into_server(t: &RemoteTakeover) -> Result<TakeoverSummary, PersistError> {
+    let span = tracing::info_span!(
+        "gearhouse.takeover",
+        from_node = %t.from_node,
+        into_server = %t.server,
+    );
+    recover_into_server_steps(t).instrument(span).await
+}
+
+async fn recover_into_server_steps(t: &RemoteTakeover) -> Result<TakeoverSummary, PersistError> {
     let cfg = crate::config::Config::default();
     let mut s = super::Settings::build(&cfg, &t.memcached)?;
     s.namespace = t.namespace.clone();
