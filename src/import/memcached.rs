@@ -252,9 +252,7 @@ impl Source for MemcachedQueue {
 /// `{prefix}{function}-{unique}` split as gearmand splits it: the function runs to the first
 /// `-` after the prefix.
 pub fn split_key<'k>(key: &'k [u8], prefix: &[u8]) -> Option<(&'k [u8], &'k [u8])> {
-    let rest = key.strip_prefix(prefix)?;
-    let dash = rest.iter().position(|&b| b == b'-')?;
-    Some((&rest[..dash], &rest[dash + 1..]))
+    super::split_function_unique(key.strip_prefix(prefix)?)
 }
 
 /// metadump prints keys URI-encoded (`%XX`).

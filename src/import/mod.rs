@@ -81,6 +81,15 @@ pub fn priority_from_gearmand(n: i64) -> Priority {
     }
 }
 
+/// `{function}-{unique}` (a key with its store's prefix removed) split as gearmand splits it:
+/// the function runs to the first `-`, the unique is the rest (it may hold more `-`), so a
+/// function named `f-b` comes back as `f`. gearmand's memcached and redis queues both key jobs
+/// this way.
+pub fn split_function_unique(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    let dash = rest.iter().position(|&b| b == b'-')?;
+    Some((&rest[..dash], &rest[dash + 1..]))
+}
+
 /// A store jobs can be deleted from once gearhouse has them.
 pub trait Source {
     /// Deletes these jobs (all acknowledged by gearhouse) from the store, in one go when the

@@ -142,9 +142,7 @@ impl Source for RedisQueue {
 /// `{prefix}-{function}-{unique}` split as gearmand splits it: the function runs to the first
 /// `-` after the prefix, the unique is the rest (it may hold more `-`).
 pub fn split_key<'k>(key: &'k [u8], prefix: &[u8]) -> Option<(&'k [u8], &'k [u8])> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix(b"-")?;
-    let dash = rest.iter().position(|&b| b == b'-')?;
-    Some((&rest[..dash], &rest[dash + 1..]))
+    super::split_function_unique(key.strip_prefix(prefix)?.strip_prefix(b"-")?)
 }
 
 /// The prefix as a literal in a SCAN MATCH glob.
