@@ -8,6 +8,8 @@
 //!   ([`seq_index`] maps job handles to jobs).
 //! - [`admin`]: the admin text protocol (gearmand's formats) over the engine's snapshots.
 //! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
+//! - [`local`]: an in-process client of the engine, for work the server submits itself (HTTP,
+//!   schedules, dead-letter retries).
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod import;
+pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod persist;

@@ -176,6 +176,31 @@ impl ErrorCode {
         ErrorCode::ArgumentTooLarge,
     ];
 
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::InvalidMagic,
+        ErrorCode::InvalidCommand,
+        ErrorCode::InvalidPacket,
+        ErrorCode::InvalidArgument,
+        ErrorCode::ArgumentTooLarge,
+        ErrorCode::UnknownOption,
+        ErrorCode::JobNotFound,
+        ErrorCode::JobRunning,
+        ErrorCode::QueueError,
+        ErrorCode::UnknownFunction,
+        ErrorCode::FunctionInUse,
+        ErrorCode::PermissionDenied,
+        ErrorCode::InvalidArguments,
+        ErrorCode::UnknownCommand,
+        ErrorCode::UnknownJob,
+        ErrorCode::Io,
+    ];
+
+    /// The code a wire name stands for (the inverse of [`ErrorCode::as_str`]).
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// The code as the wire spells it.
     pub fn as_str(self) -> &'static str {
         match self {

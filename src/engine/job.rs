@@ -150,6 +150,10 @@ pub(super) struct Function {
     pub(super) workers: u32,
     /// Per-priority limits set by the `maxqueue` admin command (None = the configured default).
     pub(super) max_queue: Option<[u32; 3]>,
+    /// Seconds a WORK_COMPLETE result is cached under (function, unique); 0 = not cached.
+    pub(super) cache_ttl_s: u32,
+    /// Failed and excepted background jobs go to the dead-letter store.
+    pub(super) dead_letter: bool,
     /// Workers that said PRE_SLEEP, with the sleep generation they said it in.
     pub(super) sleepers: Vec<(ConnId, u32)>,
     pub(super) metrics: FunctionMetrics,
@@ -165,6 +169,8 @@ impl Function {
             scheduled: 0,
             workers: 0,
             max_queue: None,
+            cache_ttl_s: 0,
+            dead_letter: false,
             sleepers: Vec::new(),
             metrics,
         }

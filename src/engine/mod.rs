@@ -35,7 +35,8 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 // hashbrown's maps (foldhash) rather than std's SipHash: keys here are sequence numbers and
@@ -54,7 +55,10 @@ use clock::Clock;
 use job::{Function, Job};
 use timers::Timer;
 
-pub use seams::{JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, PeerInfo};
+pub use seams::{
+    EndedJob, JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, OutcomeSink,
+    PeerInfo,
+};
 pub use snapshots::{ConnInfo, FunctionStat, JobInfo, Totals};
 pub use submit::SubmitOutcome;
 
@@ -107,6 +111,11 @@ struct Shared {
     metrics: Arc<Metrics>,
     mirror: Option<Arc<dyn Mirror>>,
     observer: Option<Arc<dyn JobObserver>>,
+    /// The result cache and dead-letter store, once the server has built them.
+    outcomes: OnceLock<Arc<dyn OutcomeSink>>,
+    /// Set while this server cannot renew its lease in memcached: its durable jobs are not
+    /// handed out, since a peer may be taking them over.
+    fenced: AtomicBool,
 }
 
 impl Shared {
@@ -361,6 +370,8 @@ impl Engine {
                 metrics,
                 mirror,
                 observer,
+                outcomes: OnceLock::new(),
+                fenced: AtomicBool::new(false),
             }),
         }
     }
@@ -368,6 +379,32 @@ impl Engine {
     /// The server's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// Sets the sink that keeps what outlives jobs (result cache, dead letters). Only the first
+    /// call counts: it is set once at start-up.
+    pub fn set_outcome_sink(&self, sink: Arc<dyn OutcomeSink>) {
+        let _ = self.shared.outcomes.set(sink);
+    }
+
+    /// Fences (true) or unfences this server's durable jobs: while fenced, workers are not
+    /// given jobs that have a record in memcached (another server may be taking them over);
+    /// jobs that live only in memory still run.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.shared.fenced.store(fenced, Ordering::SeqCst);
+        if !fenced {
+            // Workers told NO_JOB while fenced sleep: wake them for the work that waited.
+            let mut st = self.lock();
+            let funcs: Vec<u32> = st.functions.iter().map(|(i, _)| i as u32).collect();
+            for f in funcs {
+                self.wake(&mut st, f, 0);
+            }
+        }
+    }
+
+    /// True while [`Engine::set_fenced`] holds durable jobs back.
+    pub fn is_fenced(&self) -> bool {
+        self.shared.fenced.load(Ordering::SeqCst)
     }
 
     /// The settings the engine was started with.
@@ -447,8 +484,9 @@ impl Engine {
                 f.workers = f.workers.saturating_sub(1);
             }
         }
+        let worker = Some((conn.peer, conn.client_id.clone()));
         for (slot, seq) in conn.holding {
-            self.requeue(st, slot, seq, now, RequeueReason::Disconnected);
+            self.requeue(st, slot, seq, now, RequeueReason::Disconnected, &worker);
         }
         self.end_waits(st, id, &conn.waiting);
         // A worker that was woken but left before grabbing must not strand queued work.

@@ -89,6 +89,37 @@ pub struct JobEvent<'a> {
     pub client: Option<PeerInfo<'a>>,
 }
 
+/// A job that has ended with a result, a failure or a drop, as the [`OutcomeSink`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct EndedJob<'a> {
+    pub seq: u64,
+    pub handle: &'a [u8],
+    pub function: &'a [u8],
+    pub unique: &'a [u8],
+    pub data: &'a [u8],
+    pub priority: Priority,
+    pub background: bool,
+    /// Attempts made, counting the last one.
+    pub attempts: u32,
+    /// Complete, Fail, Exception, Dropped or TimedOut (never Cancelled or Refused).
+    pub outcome: JobOutcome,
+    /// WORK_COMPLETE's result, or WORK_EXCEPTION's exception data; empty otherwise.
+    pub result: &'a [u8],
+    /// The worker of the last attempt (its address and SET_CLIENT_ID), when known.
+    pub worker: Option<(SocketAddr, &'a [u8])>,
+    /// The function's `cache_ttl_s` setting (0 = results are not cached).
+    pub cache_ttl_s: u32,
+    /// The function's `dead_letter` setting: failed and excepted background jobs are kept.
+    pub dead_letter: bool,
+}
+
+/// The seam to what outlives a job: the result cache and the dead-letter store. Called with the
+/// engine lock held for every job that ends with a worker's final answer, a CAN_DO_TIMEOUT or a
+/// drop after its retries: implementations decide what to keep, copy it and hand it to a task.
+pub trait OutcomeSink: Send + Sync + 'static {
+    fn ended(&self, job: &EndedJob<'_>);
+}
+
 /// Follows each job through its life (the tracing layer implements it). Called with the engine
 /// lock held: implementations must only record and hand work to a task, never block.
 pub trait JobObserver: Send + Sync + 'static {

@@ -100,6 +100,8 @@ impl Engine {
         let pkt = response(PacketType::WORK_FAIL, &[&self.handle_of(seq)]);
         let metrics = &self.shared.metrics;
         send_each(&st.conns, job.waiters(), &pkt, metrics, &mut st.deferred);
+        let worker = st.conns.get(&worker).map(|c| (c.peer, c.client_id.clone()));
+        self.report_end(st, slot, JobOutcome::TimedOut, &[], &worker);
         // Still marked Running (its running count already released): remove_job leaves the
         // queue counters alone.
         self.remove_job(st, slot, JobOutcome::TimedOut);

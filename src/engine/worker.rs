@@ -7,6 +7,8 @@
 //! of the worker's functions has queued, FIFO within it, starting from a rotating function so
 //! functions of one priority share workers.
 
+use std::net::SocketAddr;
+
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 
@@ -14,8 +16,8 @@ use super::clock::secs_between;
 use super::job::{Function, Job, JobState, QueueRef};
 use super::timers::Timer;
 use super::{
-    peer_info, put_error, send, send_each, Ability, Conn, ConnId, Deferred, Engine, JobOutcome,
-    RequeueReason, State,
+    peer_info, put_error, send, send_each, Ability, Conn, ConnId, Deferred, EndedJob, Engine,
+    JobOutcome, RequeueReason, State,
 };
 use crate::codec::{put_response, response, split_args, PacketType, HEADER_LEN};
 use crate::protocol::{ErrorCode, GrabKind, Priority, ProtocolError, WorkKind};
@@ -177,8 +179,9 @@ impl Engine {
             }
         }
         let now = self.now_ns();
+        let worker = st.conns.get(&conn).map(|c| (c.peer, c.client_id.clone()));
         for (slot, seq) in requeue {
-            self.requeue(st, slot, seq, now, RequeueReason::GaveUpFunction);
+            self.requeue(st, slot, seq, now, RequeueReason::GaveUpFunction, &worker);
         }
     }
 
@@ -191,7 +194,8 @@ impl Engine {
             return;
         };
         c.sleeping = false;
-        let Some((slot, timeout_ms)) = pop_next_job(c, &mut st.functions, &st.jobs) else {
+        let fenced = self.is_fenced();
+        let Some((slot, timeout_ms)) = pop_next_job(c, &mut st.functions, &st.jobs, fenced) else {
             put_response(out, PacketType::NO_JOB, &[]);
             return;
         };
@@ -248,7 +252,7 @@ impl Engine {
         }
         self.forward_to_waiters(st, slot, kind, handle, body);
         if kind.is_final() {
-            self.finish(st, conn, slot, seq, kind);
+            self.finish(st, conn, slot, seq, kind, body);
         }
     }
 
@@ -289,7 +293,15 @@ impl Engine {
     }
 
     /// Ends a job on its worker's final result: counts it, releases the worker, removes it.
-    fn finish(&self, st: &mut State, conn: ConnId, slot: u32, seq: u64, kind: WorkKind) {
+    fn finish(
+        &self,
+        st: &mut State,
+        conn: ConnId,
+        slot: u32,
+        seq: u64,
+        kind: WorkKind,
+        body: &Bytes,
+    ) {
         let now = self.now_ns();
         let job = &st.jobs[slot as usize];
         let f = &mut st.functions[job.func as usize];
@@ -308,7 +320,46 @@ impl Engine {
                 c.holding.swap_remove(i);
             }
         }
+        // The body is "handle\0result": the result is everything after the first NUL.
+        let result = body
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(&[][..], |i| &body[i + 1..]);
+        let worker = st.conns.get(&conn).map(|c| (c.peer, c.client_id.clone()));
+        self.report_end(st, slot, outcome, result, &worker);
         self.remove_job(st, slot, outcome);
+    }
+
+    /// Hands an ended job to the [`OutcomeSink`](super::OutcomeSink) (result cache, dead
+    /// letters), if the server has one.
+    pub(super) fn report_end(
+        &self,
+        st: &State,
+        slot: u32,
+        outcome: JobOutcome,
+        result: &[u8],
+        worker: &Option<(SocketAddr, Bytes)>,
+    ) {
+        let Some(sink) = self.shared.outcomes.get() else {
+            return;
+        };
+        let job = &st.jobs[slot as usize];
+        let f = &st.functions[job.func as usize];
+        sink.ended(&EndedJob {
+            seq: job.seq,
+            handle: &self.handle_of(job.seq),
+            function: &f.name,
+            unique: job.unique(),
+            data: job.data(),
+            priority: job.priority,
+            background: job.background,
+            attempts: job.attempts,
+            outcome,
+            result,
+            worker: worker.as_ref().map(|(a, id)| (*a, &id[..])),
+            cache_ttl_s: f.cache_ttl_s,
+            dead_letter: f.dead_letter,
+        });
     }
 
     /// Removes a job everywhere (queue entries are left to be skipped lazily).
@@ -371,6 +422,7 @@ impl Engine {
         seq: u64,
         now: u64,
         why: RequeueReason,
+        worker: &Option<(SocketAddr, Bytes)>,
     ) {
         let Some(job) = st.jobs.get_mut(slot as usize).filter(|j| j.seq == seq) else {
             return;
@@ -392,6 +444,7 @@ impl Engine {
             let pkt = response(PacketType::WORK_FAIL, &[&self.handle_of(seq)]);
             let metrics = &self.shared.metrics;
             send_each(&st.conns, job.waiters(), &pkt, metrics, &mut st.deferred);
+            self.report_end(st, slot, JobOutcome::Dropped, &[], worker);
             // Still marked Running (its running count already released): remove_job leaves the
             // queue counters alone.
             self.remove_job(st, slot, JobOutcome::Dropped);
@@ -422,6 +475,7 @@ fn pop_next_job(
     c: &mut Conn,
     functions: &mut Slab<Function>,
     jobs: &Slab<Job>,
+    fenced: bool,
 ) -> Option<(u32, Option<u32>)> {
     let n = c.abilities.len();
     let start = c.rotate;
@@ -437,10 +491,16 @@ fn pop_next_job(
             }
             // Entries of cancelled jobs (or of reused slots) are skipped and dropped here.
             while let Some(r) = f.queues[p as usize].pop_front() {
-                let live = jobs.get(r.slot as usize).is_some_and(|j| {
+                let job = jobs.get(r.slot as usize).filter(|j| {
                     j.seq as u32 == r.tag && j.state == JobState::Queued && j.func == a.func
                 });
-                if live {
+                if fenced && job.is_some_and(|j| j.persisted) {
+                    // A fenced server keeps its durable jobs where they are (FIFO order holds:
+                    // nothing behind this one is handed out either).
+                    f.queues[p as usize].push_front(r);
+                    break;
+                }
+                if job.is_some() {
                     f.queued[p as usize] -= 1;
                     return Some((r.slot, a.timeout_ms));
                 }
