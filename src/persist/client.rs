@@ -54,23 +54,28 @@ pub enum Reply {
 
 /// Appends `ms <key> <len> T0\r\n<value>\r\n` (store, no expiry, reply expected).
 pub fn put_set(buf: &mut BytesMut, key: &[u8], value: &[u8]) {
-    buf.reserve(key.len() + value.len() + 32);
-    buf.extend_from_slice(b"ms ");
-    buf.extend_from_slice(key);
-    buf.extend_from_slice(b" ");
-    buf.extend_from_slice(itoa::Buffer::new().format(value.len()).as_bytes());
-    buf.extend_from_slice(b" T0\r\n");
-    buf.extend_from_slice(value);
-    buf.extend_from_slice(b"\r\n");
+    put_store(buf, key, value, 0, false);
 }
 
 /// Appends `ms <key> <len> T0 ME\r\n<value>\r\n`: store only if the key does not exist (add).
 pub fn put_add(buf: &mut BytesMut, key: &[u8], value: &[u8]) {
+    put_store(buf, key, value, 0, true);
+}
+
+/// Appends `ms <key> <len> T<ttl_s>[ ME]\r\n<value>\r\n`: a store (or, with `add`, a store
+/// only if the key does not exist) that memcached expires after `ttl_s` seconds (0 = never).
+pub fn put_store(buf: &mut BytesMut, key: &[u8], value: &[u8], ttl_s: u32, add: bool) {
+    buf.reserve(key.len() + value.len() + 40);
     buf.extend_from_slice(b"ms ");
     buf.extend_from_slice(key);
     buf.extend_from_slice(b" ");
     buf.extend_from_slice(itoa::Buffer::new().format(value.len()).as_bytes());
-    buf.extend_from_slice(b" T0 ME\r\n");
+    buf.extend_from_slice(b" T");
+    buf.extend_from_slice(itoa::Buffer::new().format(ttl_s).as_bytes());
+    if add {
+        buf.extend_from_slice(b" ME");
+    }
+    buf.extend_from_slice(b"\r\n");
     buf.extend_from_slice(value);
     buf.extend_from_slice(b"\r\n");
 }

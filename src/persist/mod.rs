@@ -7,6 +7,8 @@
 //! - [`mirror`]: the engine's [`crate::engine::Mirror`]: batching writer tasks, node tracking,
 //!   repair of lost copies.
 //! - [`recovery`]: reading a node id's queue back without listing memcached's keys.
+//! - [`kv`]: a replicated key-value store for the server's own state (settings, schedules,
+//!   dead letters, cached results, leases).
 //! - [`takeover`]: moving a dead node's queue into this server, once.
 //! - [`metrics`]: the `gearhouse_memcached_*` and recovery metrics.
 //!
@@ -17,6 +19,7 @@
 //! recovers from poisoning: a panic elsewhere must not stop the queue's durability.
 
 pub mod client;
+pub mod kv;
 pub mod metrics;
 pub mod mirror;
 pub mod record;
