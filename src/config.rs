@@ -7,12 +7,14 @@
 //! themselves contain single underscores). Lists take commas:
 //! `GEARHOUSE_PERSISTENCE__MEMCACHED=10.0.0.1:11211,10.0.0.2:11211`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::engine::EngineConfig;
+use crate::functions::FunctionSettings;
 use crate::protocol::ArgLimits;
 use crate::server::ServerConfig;
 
@@ -36,6 +38,8 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub persistence: PersistenceSection,
     pub tracing: TracingSection,
+    /// `[functions."<name>"]` tables: per-function settings (empty by default).
+    pub functions: BTreeMap<String, FunctionSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -324,6 +328,7 @@ impl Config {
             max_queue_per_function: self.engine.max_queue_per_function,
             max_functions: self.engine.max_functions,
             exceptions: self.engine.exceptions,
+            functions: self.functions.clone(),
         }
     }
 
@@ -448,6 +453,28 @@ mod tests {
         assert_eq!(c.engine.job_retries, 3);
         assert_eq!(c.persistence.memcached, vec!["a:1", "b:2"]);
         assert_eq!(c.server.max_packet_size, 16 << 20);
+    }
+
+    #[test]
+    fn function_tables_keep_the_names_case_and_unset_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[functions.\"Resize.Big\"]\nrate = 50\nmax_running = 2\n[functions.mail]\ndead_letter = true\n",
+        )
+        .unwrap();
+        let c = Config::load_with_env(Some(&f), &[], env(&[])).unwrap();
+        let big = &c.functions["Resize.Big"];
+        assert_eq!(
+            (big.rate, big.max_running, big.burst),
+            (Some(50.0), Some(2), None)
+        );
+        assert_eq!(c.functions["mail"].dead_letter, Some(true));
+        assert!(Config::default().functions.is_empty());
+        std::fs::write(&f, "[functions.mail]\nrte = 5\n").unwrap();
+        let err = Config::load_with_env(Some(&f), &[], env(&[])).unwrap_err();
+        assert!(err.to_string().contains("rte"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`local`]: an in-process client of the engine, for work the server submits itself (HTTP,
 //!   schedules, dead-letter retries).
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
+//! - [`functions`]: per-function settings (`[functions."<name>"]`: limits, cache, dead letters).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
 //! - [`client`]: a small async Gearman client (pipelined connection, client and worker calls,
@@ -27,6 +28,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod engine;
+pub mod functions;
 pub mod http;
 pub mod import;
 pub mod local;

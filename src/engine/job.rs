@@ -176,6 +176,19 @@ impl Function {
         }
     }
 
+    /// Takes the configured settings this struct holds (the rest are read where they act).
+    pub(super) fn apply(&mut self, s: &crate::functions::FunctionSettings) {
+        if let Some(n) = s.max_queue {
+            self.max_queue = Some([n; 3]);
+        }
+        if let Some(t) = s.cache_ttl_s {
+            self.cache_ttl_s = t;
+        }
+        if let Some(d) = s.dead_letter {
+            self.dead_letter = d;
+        }
+    }
+
     pub(super) fn total_queued(&self) -> u64 {
         self.queued.iter().map(|&n| n as u64).sum()
     }

@@ -81,6 +81,8 @@ pub struct EngineConfig {
     /// WORK_EXCEPTION goes to every client, as if each had sent OPTION_REQ exceptions
     /// (gearmand's `--exceptions`).
     pub exceptions: bool,
+    /// Per-function settings from `[functions."<name>"]`, applied when a function is created.
+    pub functions: std::collections::BTreeMap<String, crate::functions::FunctionSettings>,
 }
 
 impl Default for EngineConfig {

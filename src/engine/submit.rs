@@ -275,7 +275,14 @@ impl Engine {
             ));
         }
         let metrics = self.shared.metrics.for_function(name);
-        let id = st.functions.insert(Function::new(name.clone(), metrics)) as u32;
+        let mut f = Function::new(name.clone(), metrics);
+        if let Some(s) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| self.shared.cfg.functions.get(n))
+        {
+            f.apply(s);
+        }
+        let id = st.functions.insert(f) as u32;
         st.function_ids.insert(name.clone(), id);
         Ok(id)
     }
