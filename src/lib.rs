@@ -29,6 +29,8 @@ pub mod codec;
 pub mod config;
 pub mod engine;
 pub mod functions;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod import;
 pub mod local;

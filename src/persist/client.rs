@@ -260,6 +260,11 @@ impl Connection {
     }
 }
 
+/// Largest value a reply may announce: memcached's own item size ceiling (`-I` at most 1 GiB) is
+/// far above anything gearhouse stores (a job is at most `server.max_packet_size` plus its
+/// header), so 256 MiB rejects nonsense without refusing real data.
+pub const MAX_VALUE: usize = 256 << 20;
+
 /// Parses one reply from the front of `buf`; `Ok(None)` when more bytes are needed.
 pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<Reply>, ClientError> {
     let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
@@ -289,9 +294,15 @@ pub fn parse_reply(buf: &mut BytesMut) -> Result<Option<Reply>, ClientError> {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| ClientError::Protocol(String::from_utf8_lossy(line).into_owned()))?;
+            if len > MAX_VALUE {
+                return Err(ClientError::Protocol(format!(
+                    "a value of {len} bytes (more than the {MAX_VALUE} gearhouse reads)"
+                )));
+            }
             let total = eol + 2 + len + 2;
             if buf.len() < total {
-                buf.reserve(total - buf.len());
+                // Not reserved from the announced length: the buffer grows with the bytes that
+                // actually arrive, so a lying length cannot size an allocation.
                 return Ok(None);
             }
             buf.advance(eol + 2);
