@@ -22,6 +22,8 @@ pub enum AppError {
     Persist(#[from] crate::persist::PersistError),
     #[error("tracing: {0}")]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Runs the server until `shutdown` is cancelled, which starts a graceful stop (see
@@ -42,6 +44,22 @@ pub async fn run(
 pub async fn run_with(
     cfg: Config,
     gearman: TcpListener,
+    http_listener: TcpListener,
+    stop: Shutdown,
+) -> Result<(), AppError> {
+    let plain = match cfg.server.plain_listen.as_str() {
+        "" => None,
+        addr => Some(TcpListener::bind(addr).await?),
+    };
+    run_listeners(cfg, gearman, plain, http_listener, stop).await
+}
+
+/// As [`run_with`], with `server.plain_listen`'s listener (beside a TLS `gearman` one) bound
+/// by the caller, as the binary does before it drops privileges.
+pub async fn run_listeners(
+    cfg: Config,
+    gearman: TcpListener,
+    plain: Option<TcpListener>,
     http_listener: TcpListener,
     stop: Shutdown,
 ) -> Result<(), AppError> {
@@ -72,7 +90,7 @@ pub async fn run_with(
             };
         }
     }
-    serve(&cfg, &parts, gearman, stop).await?;
+    serve(&cfg, &parts, gearman, plain, stop).await?;
     finish(&cfg, parts, http_task).await;
     Ok(())
 }
@@ -83,10 +101,17 @@ struct Parts {
     health: Arc<Health>,
     persistence: Option<crate::persist::Persistence>,
     tracer: Option<Arc<crate::telemetry::JobTracer>>,
+    /// TLS of the Gearman listener, when `server.tls_cert` is set.
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Metrics, job tracing, the durable mirror and the engine, wired together.
 fn build(cfg: &Config) -> Result<Parts, AppError> {
+    // Certificates first: a bad file stops the server before anything else starts.
+    let tls = match cfg.tls_files() {
+        Some(f) => Some(Arc::new(crate::tls::Tls::load(f)?)),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new(cfg.metrics.max_function_labels));
     let tracer = crate::telemetry::start(cfg, &metrics)?;
     // A short operation span: with an endpoint set, the collector learns that this node started
@@ -116,6 +141,7 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         health: Arc::new(Health::default()),
         persistence,
         tracer,
+        tls,
     })
 }
 
@@ -150,6 +176,7 @@ async fn serve(
     cfg: &Config,
     parts: &Parts,
     gearman: TcpListener,
+    plain: Option<TcpListener>,
     stop: Shutdown,
 ) -> std::io::Result<()> {
     parts.health.set_ready(true);
@@ -161,9 +188,44 @@ async fn serve(
         })
     };
     let server_cfg = Arc::new(cfg.server_config());
-    let served = server::run(gearman, parts.engine.clone(), server_cfg, stop).await;
+    let mut listeners = vec![server::Listener {
+        socket: gearman,
+        tls: parts.tls.clone(),
+    }];
+    listeners.extend(plain.map(server::Listener::plain));
+    let reload = tokio::spawn(reload_on_sighup(
+        parts.tls.clone(),
+        parts.engine.metrics().clone(),
+    ));
+    let served = server::run_listeners(listeners, parts.engine.clone(), server_cfg, stop).await;
+    reload.abort();
     not_ready.abort();
     served
+}
+
+/// Reads the TLS certificate and key again on each SIGHUP; a reload that fails keeps the
+/// previous ones (logged and counted).
+async fn reload_on_sighup(tls: Option<Arc<crate::tls::Tls>>, metrics: Arc<Metrics>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: nothing to reload (no server.tls_cert)");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => {
+                metrics.tls_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!("SIGHUP: TLS certificate and key reloaded");
+            }
+            Err(e) => {
+                metrics.tls_reloads.with_label_values(&["failed"]).inc();
+                tracing::error!(error = %e, "SIGHUP: TLS reload failed; the previous certificate stays in use");
+            }
+        }
+    }
 }
 
 /// After the last connection closed: says what an in-memory queue loses, flushes the mirror,

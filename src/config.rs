@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::access::{Access, AccessRule};
 use crate::engine::EngineConfig;
 use crate::functions::FunctionSettings;
 use crate::protocol::ArgLimits;
@@ -38,6 +39,7 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub persistence: PersistenceSection,
     pub tracing: TracingSection,
+    pub access: AccessSection,
     /// `[functions."<name>"]` tables: per-function settings (empty by default).
     pub functions: BTreeMap<String, FunctionSettings>,
 }
@@ -71,6 +73,14 @@ pub struct ServerSection {
     pub pid_file: String,
     /// User to switch to once the listeners are bound; empty = stay.
     pub user: String,
+    /// TLS on `listen`: certificate chain and private key (PEM); empty = plain.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// CA certificates (PEM) client certificates must chain to; set = client certificates required.
+    pub tls_client_ca: String,
+    pub tls_handshake_timeout_ms: u64,
+    /// A plain listener beside the TLS one; empty = none.
+    pub plain_listen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -84,6 +94,13 @@ pub struct EngineSection {
     /// Forward WORK_EXCEPTION to every client of a job, not only those that sent
     /// OPTION_REQ exceptions (gearmand's `--exceptions`).
     pub exceptions: bool,
+}
+
+/// `[access]`: access rules on the Gearman port.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessSection {
+    pub rules: Vec<AccessRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -195,7 +212,8 @@ section_defaults!(
     log: LogSection,
     metrics: MetricsSection,
     persistence: PersistenceSection,
-    tracing: TracingSection
+    tracing: TracingSection,
+    access: AccessSection
 );
 
 /// Keys that hold lists, so an environment value is split on commas.
@@ -282,6 +300,31 @@ impl Config {
                 });
             }
         }
+        if let Err(e) = Access::new(&self.access.rules) {
+            return Err(ConfigError::Invalid {
+                key: "access.rules",
+                why: e.to_string(),
+            });
+        }
+        let s = &self.server;
+        if s.tls_cert.is_empty() != s.tls_key.is_empty() {
+            return bad(
+                "server.tls_cert",
+                "server.tls_cert and server.tls_key go together (both or neither)",
+            );
+        }
+        if s.tls_cert.is_empty() && !s.tls_client_ca.is_empty() {
+            return bad(
+                "server.tls_client_ca",
+                "client certificates need TLS: set server.tls_cert and server.tls_key",
+            );
+        }
+        if s.tls_cert.is_empty() && !s.plain_listen.is_empty() {
+            return bad(
+                "server.plain_listen",
+                "is a plain listener beside a TLS one: without server.tls_cert, server.listen is plain already",
+            );
+        }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");
         }
@@ -352,7 +395,21 @@ impl Config {
                 .collect(),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             keepalive: self.keepalive(),
+            access: std::sync::Arc::new(
+                Access::new(&self.access.rules).expect("access rules are checked at load"),
+            ),
+            tls_handshake_timeout: Duration::from_millis(s.tls_handshake_timeout_ms),
         }
+    }
+
+    /// The TLS files of the Gearman listener, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        let s = &self.server;
+        (!s.tls_cert.is_empty()).then(|| crate::tls::TlsFiles {
+            cert: s.tls_cert.clone().into(),
+            key: s.tls_key.clone().into(),
+            client_ca: (!s.tls_client_ca.is_empty()).then(|| s.tls_client_ca.clone().into()),
+        })
     }
 }
 

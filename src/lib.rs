@@ -6,6 +6,8 @@
 //! - [`protocol`]: frames ↔ typed requests, argument checks, `ERROR` codes.
 //! - [`engine`]: requests → state changes: jobs, queues, priorities, coalescing, workers, timers
 //!   ([`seq_index`] maps job handles to jobs).
+//! - [`tls`] and [`access`]: TLS on the Gearman listener (rustls, client certificates, SIGHUP
+//!   reload) and per-identity access rules (submit, register, admin).
 //! - [`admin`]: the admin text protocol (gearmand's formats) over the engine's snapshots.
 //! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
 //! - [`local`]: an in-process client of the engine, for work the server submits itself (HTTP,
@@ -21,6 +23,7 @@
 //! - [`cli`]: the command line (gearhouse's and gearmand's) and the process around the server
 //!   (bind retry, daemon, pid file, privileges, systemd readiness); [`net`]: socket options.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod cli;
@@ -41,3 +44,4 @@ pub mod protocol;
 pub mod seq_index;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

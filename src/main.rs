@@ -218,6 +218,15 @@ fn run(cfg: Config, daemon: bool) -> Result<(), Failure> {
         Some(cfg.server.backlog),
     )?;
     let http = process::bind(&cfg.http.listen, "http.listen / --http", retry, None)?;
+    let plain = match cfg.server.plain_listen.as_str() {
+        "" => None,
+        addr => Some(process::bind(
+            addr,
+            "server.plain_listen / --plain-listen",
+            retry,
+            Some(cfg.server.backlog),
+        )?),
+    };
     if daemon {
         process::daemonize()?;
     }
@@ -237,10 +246,11 @@ fn run(cfg: Config, daemon: bool) -> Result<(), Failure> {
     let r = rt.block_on(async move {
         let gearman = TcpListener::from_std(gearman)?;
         let http = TcpListener::from_std(http)?;
+        let plain = plain.map(TcpListener::from_std).transpose()?;
         let ready = tokio::spawn(process::notify_when_ready(http.local_addr()?));
         let stop = Shutdown::default();
         tokio::spawn(shutdown_signal(stop.clone()));
-        let r = gearhouse::app::run_with(cfg, gearman, http, stop).await;
+        let r = gearhouse::app::run_listeners(cfg, gearman, plain, http, stop).await;
         ready.abort();
         r?;
         tracing::info!("stopped");

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub bytes_out: IntCounter,
     pub protocol_errors: IntCounterVec,
     pub admin_commands: IntCounterVec,
+    /// TLS handshakes on the Gearman port, by result (ok, failed, timeout).
+    pub tls_handshakes: IntCounterVec,
+    /// Certificate reloads (SIGHUP), by result (ok, failed).
+    pub tls_reloads: IntCounterVec,
+    /// Requests refused by the access rules, by action (submit, register, admin).
+    pub access_denied: IntCounterVec,
     // Gauges filled from the engine at scrape time (names kept from the gearmand exporter).
     pub up: IntGauge,
     pub version_info: IntGaugeVec,
@@ -271,6 +277,9 @@ impl Metrics {
             bytes_out: counter(&r, "gearhouse_bytes_sent_total", "Bytes sent"),
             protocol_errors: counter_vec(&r, "gearhouse_protocol_errors_total", "Requests refused or connections closed for bad input, by kind", &["kind"]),
             admin_commands: counter_vec(&r, "gearhouse_admin_commands_total", "Admin text commands, by command and outcome", &["command", "outcome"]),
+            tls_handshakes: counter_vec(&r, "gearhouse_tls_handshakes_total", "TLS handshakes on the Gearman port, by result (ok, failed, timeout)", &["result"]),
+            tls_reloads: counter_vec(&r, "gearhouse_tls_reloads_total", "TLS certificate reloads on SIGHUP, by result (ok, failed: the previous certificate stays)", &["result"]),
+            access_denied: counter_vec(&r, "gearhouse_access_denied_total", "Requests refused by the access rules (access.rules), by action (submit, register, admin)", &["action"]),
             up: gauge(&r, "gearman_up", "1 while the server answers"),
             version_info: gauge_vec(&r, "gearman_version_info", "Server version", &["version"]),
             build_info: gauge_vec(&r, "gearhouse_build_info", "Build information", &["version", "rustc"]),

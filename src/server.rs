@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::{Access, AdminAccess, Permissions};
 use crate::admin::{self, AfterAdmin};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
 use crate::engine::{put_error, ConnId, Engine};
@@ -38,6 +40,23 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// TCP keepalive on accepted connections (`server.keepalive*`), if on.
     pub keepalive: Option<crate::net::Keepalive>,
+    /// Access rules (`[[access.rules]]`); none = everyone may do everything.
+    pub access: Arc<Access>,
+    /// Time a TLS client has to complete its handshake.
+    pub tls_handshake_timeout: Duration,
+}
+
+/// A listening socket and whether it speaks TLS.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: Option<Arc<crate::tls::Tls>>,
+}
+
+impl Listener {
+    /// A plain (cleartext) listener.
+    pub fn plain(socket: TcpListener) -> Listener {
+        Listener { socket, tls: None }
+    }
 }
 
 /// The two stages of stopping, shared by the accept loop, every connection and the admin
@@ -105,16 +124,31 @@ pub async fn run(
     cfg: Arc<ServerConfig>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    run_listeners(vec![Listener::plain(listener)], engine, cfg, shutdown).await
+}
+
+/// As [`run`], on several listeners at once (TLS and plain side by side); the connection cap
+/// is shared.
+pub async fn run_listeners(
+    listeners: Vec<Listener>,
+    engine: Engine,
+    cfg: Arc<ServerConfig>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     tracker.spawn(engine.clone().run_timers(shutdown.now.clone()));
     let metrics = engine.metrics().clone();
     // Open connections: one permit each (server.max_connections).
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
-        let (stream, peer) = tokio::select! {
+        let accepts = listeners
+            .iter()
+            .map(|l| Box::pin(async move { (l.tls.clone(), l.socket.accept().await) }));
+        let (tls, stream, peer) = tokio::select! {
             _ = shutdown.drain.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
+            // Accepting is cancel-safe: the listeners not chosen lose nothing.
+            ((tls, r), _, _) = futures::future::select_all(accepts) => match r {
+                Ok((stream, peer)) => (tls, stream, peer),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -139,14 +173,31 @@ pub async fn run(
                 tracing::warn!(%peer, error = %e, "cannot set TCP keepalive (server.keepalive*)");
             }
         }
-        let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
-        let serve = conn.serve();
+        let (engine, cfg, shutdown) = (engine.clone(), cfg.clone(), shutdown.clone());
         tracker.spawn(async move {
-            serve.await;
+            match tls {
+                None => {
+                    let perms = cfg.access.permissions(None, peer.ip());
+                    Connection::new(stream, peer, perms, engine, cfg, shutdown)
+                        .serve()
+                        .await
+                }
+                Some(tls) => {
+                    if let Some((stream, perms)) =
+                        handshake(&tls, stream, peer, &engine, &cfg).await
+                    {
+                        Connection::new(stream, peer, perms, engine, cfg, shutdown)
+                            .serve()
+                            .await
+                    } else {
+                        engine.metrics().connections.dec();
+                    }
+                }
+            }
             drop(permit);
         });
     }
-    drop(listener);
+    drop(listeners);
     let span = tracing::info_span!(
         "gearhouse.shutdown",
         graceful = !shutdown.now.is_cancelled()
@@ -157,6 +208,43 @@ pub async fn run(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// Runs a TLS handshake within `server.tls_handshake_timeout_ms`, and decides what the peer may
+/// do from its certificate's common name (or its address, without a certificate). `None` when
+/// the handshake failed (logged and counted).
+async fn handshake(
+    tls: &crate::tls::Tls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    engine: &Engine,
+    cfg: &ServerConfig,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Arc<Permissions>)> {
+    let metrics = engine.metrics();
+    let accept = tls.acceptor().accept(stream);
+    let stream = match tokio::time::timeout(cfg.tls_handshake_timeout, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            metrics.tls_handshakes.with_label_values(&["failed"]).inc();
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics.tls_handshakes.with_label_values(&["timeout"]).inc();
+            tracing::info!(%peer, "TLS handshake not completed within server.tls_handshake_timeout_ms");
+            return None;
+        }
+    };
+    metrics.tls_handshakes.with_label_values(&["ok"]).inc();
+    let cn = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::common_name);
+    let perms = cfg.access.permissions(cn.as_deref(), peer.ip());
+    tracing::debug!(%peer, identity = cn.as_deref().unwrap_or("-"), rule = %perms.rule, "TLS connection");
+    Some((stream, perms))
 }
 
 /// Most connections answered at once while the queue is being recovered; more wait in the
@@ -259,12 +347,14 @@ async fn drain(engine: &Engine, shutdown: &Shutdown, timeout: Duration) {
     shutdown.now();
 }
 
-struct Connection {
+struct Connection<S> {
     id: ConnId,
     peer: SocketAddr,
     engine: Engine,
     cfg: Arc<ServerConfig>,
-    framed: Framed<TcpStream, GearmanCodec>,
+    framed: Framed<S, GearmanCodec>,
+    /// What the peer may do (access rules).
+    perms: Arc<Permissions>,
     rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
     shutdown: Shutdown,
@@ -280,10 +370,11 @@ enum Close {
     Shutdown,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn new(
-        stream: TcpStream,
+        stream: S,
         peer: SocketAddr,
+        perms: Arc<Permissions>,
         engine: Engine,
         cfg: Arc<ServerConfig>,
         shutdown: Shutdown,
@@ -299,6 +390,7 @@ impl Connection {
             engine,
             cfg,
             framed: Framed::with_capacity(stream, codec, 16 * 1024),
+            perms,
             rx,
             kill,
             shutdown,
@@ -465,8 +557,18 @@ impl Connection {
             Frame::Admin(line) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
                 let out = self.framed.write_buffer_mut();
+                let is_admin = match self.perms.admin() {
+                    _ if self.perms.is_open() => self.is_admin,
+                    AdminAccess::All => true,
+                    AdminAccess::Read => false,
+                    AdminAccess::None => {
+                        metrics.access_denied.with_label_values(&["admin"]).inc();
+                        out.extend_from_slice(b"ERR PERMISSION_DENIED admin+commands+are+not+allowed+for+this+connection+(access.rules)\r\n");
+                        return None;
+                    }
+                };
                 let (cmd, ok, after) =
-                    admin::execute(&self.engine, &line, self.peer, self.is_admin, out);
+                    admin::execute(&self.engine, &line, self.peer, is_admin, out);
                 metrics
                     .admin_commands
                     .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
@@ -514,6 +616,9 @@ impl Connection {
         if draining && refuse_while_draining(&req, out) {
             return;
         }
+        if !self.perms.is_open() && refuse_by_access(&req, &self.perms, engine, out) {
+            return;
+        }
         match req {
             Request::CanDo {
                 function,
@@ -557,8 +662,8 @@ enum Read {
 /// codec only yields whole frames, so without this a slow sender's first bytes would go
 /// unnoticed until some later wake-up, and `server.frame_timeout_ms` would be honoured only to
 /// within a whole extra period.
-fn poll_read(
-    framed: &mut Framed<TcpStream, GearmanCodec>,
+fn poll_read<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, GearmanCodec>,
     started: bool,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<Read> {
@@ -572,6 +677,38 @@ fn poll_read(
         }
         Poll::Pending => Poll::Pending,
     }
+}
+
+/// Refuses a submit or CAN_DO the access rules do not allow, with `ERROR PERMISSION_DENIED`
+/// naming the function and the rule. Returns whether `req` was answered here.
+fn refuse_by_access(
+    req: &Request,
+    perms: &Permissions,
+    engine: &Engine,
+    out: &mut BytesMut,
+) -> bool {
+    let (action, function) = match req {
+        Request::Submit(s) if !perms.may_submit(&s.function) => ("submit", &s.function),
+        Request::CanDo { function, .. } if !perms.may_register(function) => ("register", function),
+        _ => return false,
+    };
+    engine
+        .metrics()
+        .access_denied
+        .with_label_values(&[action])
+        .inc();
+    put_error(
+        out,
+        &ProtocolError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{action} {:?} is not allowed for this connection ({}; access.rules)",
+                String::from_utf8_lossy(function),
+                perms.rule
+            ),
+        ),
+    );
+    true
 }
 
 /// While a graceful shutdown drains, new jobs are refused (the client can submit to another

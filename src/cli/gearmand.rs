@@ -16,8 +16,6 @@ const REFUSED: &[(&str, &str)] = &[
     ("hashtable-buckets", "gearhouse's tables grow as needed: drop the option"),
     ("job-handle-prefix", "job handles are H:<node_id>:<n>: set --node-id (engine.node_id)"),
     ("config-file", "gearmand's option file is not read: put the settings in a TOML file for --config (see deploy/gearhouse.toml)"),
-    ("ssl", "TLS is not built in: terminate it in front (stunnel, haproxy, a TLS sidecar)"),
-    ("ssl-", "TLS is not built in: terminate it in front (stunnel, haproxy, a TLS sidecar)"),
     ("libsqlite3-", "the libsqlite3 queue is not supported: the durable queue is memcached (--memcached)"),
     ("store-queue-on-shutdown", "the libsqlite3 queue is not supported: the durable queue is memcached (--memcached)"),
     ("libpq-", "the Postgres queue is not supported: the durable queue is memcached (--memcached)"),
@@ -133,6 +131,24 @@ pub fn overrides(a: &ServeArgs) -> Result<(Vec<Override>, Vec<String>), CliError
     );
     put("persistence.memcached", "--memcached", a.memcached.clone());
     put("server.pid_file", "-P/--pid-file", a.pid_file.clone());
+    put("server.tls_cert", "--tls-cert", a.tls_cert.clone());
+    put("server.tls_key", "--tls-key", a.tls_key.clone());
+    put(
+        "server.tls_client_ca",
+        "--tls-client-ca",
+        a.tls_client_ca.clone(),
+    );
+    put(
+        "server.plain_listen",
+        "--plain-listen",
+        a.plain_listen.clone(),
+    );
+    if a.ssl && a.tls_cert.is_none() {
+        return Err(CliError::Invalid {
+            flag: "--ssl",
+            why: "needs --ssl-certificate and --ssl-key (or --tls-cert and --tls-key)".into(),
+        });
+    }
     put("server.user", "-u/--user", a.user.clone());
     put(
         "server.keepalive",
@@ -294,8 +310,6 @@ mod tests {
     fn refused_options_are_named_wherever_they_are() {
         for (args, named) in [
             (&["-p", "1", "--syslog"][..], "--syslog"),
-            (&["--ssl-key=k"][..], "--ssl-key"),
-            (&["--ssl"][..], "--ssl"),
             (&["-f", "100"][..], "-f"),
             (&["-df100"][..], "-f"),
             (&["--redis-server", "x"][..], "--redis-server"),

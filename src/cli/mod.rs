@@ -181,6 +181,23 @@ pub struct ServeArgs {
     /// Send WORK_EXCEPTION to every client, not only those that asked [engine.exceptions].
     #[arg(long)]
     pub exceptions: bool,
+    /// TLS on the Gearman listener: PEM certificate chain [server.tls_cert]. gearmand's
+    /// --ssl-certificate is the same.
+    #[arg(long, alias = "ssl-certificate", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of --tls-cert [server.tls_key]. gearmand's --ssl-key is the same.
+    #[arg(long, alias = "ssl-key", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// PEM CA certificates client certificates must chain to; set = required
+    /// [server.tls_client_ca]. gearmand's --ssl-ca-file is the same.
+    #[arg(long, alias = "ssl-ca-file", value_name = "FILE")]
+    pub tls_client_ca: Option<String>,
+    /// With TLS on, a plain listener beside it, ADDR:PORT [server.plain_listen].
+    #[arg(long, value_name = "ADDR")]
+    pub plain_listen: Option<String>,
+    /// gearmand's --ssl: TLS on (needs --ssl-certificate and --ssl-key).
+    #[arg(long)]
+    pub ssl: bool,
     /// gearmand's queue type: builtin (in memory) or libmemcached (with --libmemcached-servers).
     #[arg(short = 'q', long, value_name = "TYPE")]
     pub queue_type: Option<String>,

@@ -19,6 +19,8 @@ tests/interop.rs. Prints one JSON object per line on stdout, flushed at once.
       status 4/4, complete "done:<payload>"), fail, throw (exception "boom:<payload>"),
       hold:FILE (status 1/4, wait for FILE, complete "released:<payload>"), sleep:MS
 PRIO is high, normal or low.
+With GEAR_SSL_KEY, GEAR_SSL_CERT and GEAR_SSL_CA set, it connects over TLS with that client
+certificate (gear's own ssl_key/ssl_cert/ssl_ca arguments).
 """
 import hashlib
 import json
@@ -45,7 +47,11 @@ def text(b):
 
 def connect(cls, port, name):
     c = cls(name)
-    c.addServer("127.0.0.1", port)
+    ssl = [os.environ.get("GEAR_SSL_" + k) for k in ("KEY", "CERT", "CA")]
+    if all(ssl):
+        c.addServer("127.0.0.1", port, ssl_key=ssl[0], ssl_cert=ssl[1], ssl_ca=ssl[2])
+    else:
+        c.addServer("127.0.0.1", port)
     c.waitForServer(timeout=10)
     return c
 

@@ -131,10 +131,13 @@ impl BinServer {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("server-{port}.log"));
         let mut cmd = Command::new(binary());
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
-            .arg("--listen")
+        cmd.arg("serve");
+        // A test that brings its own config file (`--config` in `extra`) gets it instead.
+        if !extra.contains(&"--config") {
+            cmd.arg("--config")
+                .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"));
+        }
+        cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--http")
             .arg(format!("127.0.0.1:{http_port}"))
