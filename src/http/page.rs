@@ -111,7 +111,7 @@ fn content_security_policy(template: &str) -> String {
         let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
         let start = template.find(&open).expect("page.html has the tag") + open.len();
         let end = start + template[start..].find(&close).expect("the tag is closed");
-        let digest = ring::digest::digest(&ring::digest::SHA256, template[start..end].as_bytes());
+        let digest = ring::digest::digest(&ring::digest::SHA256, &template.as_bytes()[start..end]);
         format!(
             "'sha256-{}'",
             base64::engine::general_purpose::STANDARD.encode(digest)
@@ -220,9 +220,16 @@ fn nodes(out: &mut String, st: &Value) {
             let reason = n["reason"].as_str().map(|r| format!(": {r}"));
             push_cell(out, "down", &format!("down{}", reason.unwrap_or_default()));
         }
-        for key in ["pid", "items", "bytes", "limit_maxbytes", "evictions"] {
-            push_cell(out, "", &text(&n[key]));
+        push_cell(out, "", &text(&n["pid"]));
+        push_cell(out, "", &text(&n["items"]));
+        let memory = format!("{} of {}", size(&n["bytes"]), size(&n["limit_maxbytes"]));
+        push_cell(out, "", &memory);
+        if n["eviction_enabled"] == true {
+            push_cell(out, "down", "on: jobs can be lost");
+        } else {
+            push_cell(out, "up", "off (-M)");
         }
+        push_cell(out, "", &text(&n["evictions"]));
         out.push_str("</tr>");
     }
 }
@@ -241,6 +248,24 @@ fn settings_text(settings: &Value) -> String {
         "none".into()
     } else {
         pairs.join(" ")
+    }
+}
+
+/// Bytes in binary units, as the script's `size()` shows them.
+fn size(v: &Value) -> String {
+    let Some(n) = v.as_u64() else {
+        return "\u{2014}".into();
+    };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut x, mut i) = (n as f64, 0);
+    while x >= 1024.0 && i < units.len() - 1 {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[i])
     }
 }
 
@@ -376,6 +401,38 @@ mod tests {
         assert!(html.contains("<td class=\"text settings\">rate=10</td>"));
         assert!(html.contains("not enabled (the queue is in memory only)"));
         assert!(html.contains("<dd id=\"s-queued\">6</dd>"));
+    }
+
+    #[test]
+    fn nodes_show_health_memory_and_eviction() {
+        let st = serde_json::json!({
+            "persistence": { "enabled": true, "nodes": [
+                { "address": "10.0.0.1:11211", "up": true, "pid": 7, "items": 3,
+                  "bytes": 2048, "limit_maxbytes": 1048576, "evictions": 0,
+                  "eviction_enabled": false },
+                { "address": "10.0.0.2:11211", "up": false, "reason": "refused <connect>",
+                  "eviction_enabled": true },
+            ] },
+        });
+        let mut out = String::new();
+        nodes(&mut out, &st);
+        assert!(out.contains("<td class=\"up\">up</td><td>7</td><td>3</td><td>2.0 KiB of 1.0 MiB</td><td class=\"up\">off (-M)</td>"), "{out}");
+        assert!(
+            out.contains("<td class=\"down\">down: refused &lt;connect&gt;</td>"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<td class=\"down\">on: jobs can be lost</td>"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn sizes_read_like_the_script_writes_them() {
+        assert_eq!(size(&Value::from(512)), "512 B");
+        assert_eq!(size(&Value::from(17735)), "17.3 KiB");
+        assert_eq!(size(&Value::from(64u64 << 20)), "64.0 MiB");
+        assert_eq!(size(&Value::Null), "\u{2014}");
     }
 
     #[test]
