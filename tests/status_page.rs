@@ -9,6 +9,10 @@
 //! as up; features this build lacks show as "not enabled". `GEARHOUSE_SCREENSHOT=path` also saves
 //! a PNG of the page (the README's docs/status-page.png).
 //!
+//! Limits, schedules and dead letters come from features built beside this one: a second
+//! browser test serves their documented JSON to the real page through the DevTools `Fetch`
+//! domain and checks that it is shown, as text, without errors.
+//!
 //! Without chromium the test tries `apt-get install chromium` (as root) and skips with the reason
 //! only when that fails too; scripts/install-test-deps.sh installs it for the suite.
 
@@ -64,31 +68,9 @@ async fn page_shows_live_numbers_in_a_real_browser_without_console_errors() {
 
     let browser = Chromium::start(&chromium);
     let mut cdp = Cdp::connect(&browser.ws_url).await;
-    let target = cdp
-        .call(None, "Target.createTarget", json!({ "url": "about:blank" }))
-        .await;
-    let attached = cdp
-        .call(
-            None,
-            "Target.attachToTarget",
-            json!({ "targetId": target["targetId"], "flatten": true }),
-        )
-        .await;
-    let session = attached["sessionId"].as_str().unwrap().to_owned();
+    let session = cdp.open_page().await;
     let s = Some(session.as_str());
-    for domain in ["Runtime.enable", "Log.enable", "Page.enable"] {
-        cdp.call(s, domain, json!({})).await;
-    }
-    cdp.call(
-        s,
-        "Emulation.setDeviceMetricsOverride",
-        json!({ "width": 1200, "height": 740, "deviceScaleFactor": 1, "mobile": false }),
-    )
-    .await;
-    let url = format!("http://{}/", server.http);
-    let nav = cdp.call(s, "Page.navigate", json!({ "url": url })).await;
-    assert!(nav.get("errorText").is_none(), "navigation failed: {nav}");
-    cdp.wait_event(&session, "Page.loadEventFired", Duration::from_secs(30))
+    cdp.navigate(&session, &format!("http://{}/", server.http))
         .await;
 
     // The function's row, found by its name as data (not by markup), and its completed count.
@@ -189,6 +171,128 @@ async fn page_shows_live_numbers_in_a_real_browser_without_console_errors() {
     client.await.unwrap();
     drop(browser);
     server.stop().await;
+}
+
+/// Limits, schedules and dead letters, once their features answer, are shown as text: the
+/// JSON those features document is served to the real page in place of this build's (for the
+/// schedules and dead-letter endpoints) or added to it (a `settings` object per function).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_shows_limits_schedules_and_dead_letters_as_text() {
+    let Some(chromium) = chromium_binary() else {
+        println!("SKIPPED: chromium is not installed and `apt-get install chromium` failed");
+        return;
+    };
+    let server = TestServer::start(&[]).await;
+    let mut c = Connection::connect(server.addr).await.unwrap();
+    c.submit_background(&Job::new(NAME, "x")).await.unwrap();
+
+    let browser = Chromium::start(&chromium);
+    let mut cdp = Cdp::connect(&browser.ws_url).await;
+    let session = cdp.open_page().await;
+    let s = Some(session.as_str());
+    cdp.fixture = Some(feature_fixtures);
+    let patterns = json!({ "patterns": [
+        { "urlPattern": "*/api/v1/status", "requestStage": "Response" },
+        { "urlPattern": "*/api/v1/schedules", "requestStage": "Request" },
+        { "urlPattern": "*/api/v1/dead-letters", "requestStage": "Request" },
+    ] });
+    cdp.call(s, "Fetch.enable", patterns).await;
+    cdp.navigate(&session, &format!("http://{}/", server.http))
+        .await;
+
+    let cells = |table: &str| {
+        format!(
+            "Array.from(document.querySelectorAll('#{table} tbody tr')).map(r => Array.from(r.cells).map(c => c.textContent))"
+        )
+    };
+    let schedules = cdp
+        .wait_value(
+            s,
+            &cells("schedules"),
+            |v| v[0].as_array().is_some_and(|r| r.len() == 5),
+            "the schedule row",
+        )
+        .await;
+    assert_eq!(
+        schedules,
+        json!([[
+            "1",
+            "*/5 * * * *",
+            "<img src=x>",
+            "2026-11-30T09:00:00Z",
+            "\u{2014}"
+        ]])
+    );
+    let dead = cdp
+        .wait_value(
+            s,
+            &cells("dead-letters"),
+            |v| v[0].as_array().is_some_and(|r| r.len() == 6),
+            "the dead letter row",
+        )
+        .await;
+    assert_eq!(
+        dead,
+        json!([[
+            "7",
+            NAME,
+            "H:test:9",
+            "<script>x</script>",
+            "3",
+            "2026-11-30T08:00:00Z"
+        ]])
+    );
+    let settings = cdp
+        .wait_value(
+            s,
+            "document.querySelector('#functions td.settings').textContent",
+            |v| v != "none",
+            "the function's limits",
+        )
+        .await;
+    // Keys in the JSON's order; a null setting is not shown.
+    assert_eq!(settings, "dead_letter=<i>dl</i> max_running=2 rate=5");
+    let markup = cdp
+        .eval(
+            s,
+            "document.querySelectorAll('table b, table i, table img, table script').length",
+        )
+        .await;
+    assert_eq!(markup, 0, "data became markup");
+    let nodes = cdp
+        .eval(s, "document.querySelector('#nodes tbody').textContent")
+        .await;
+    assert_eq!(nodes, "not enabled (the queue is in memory only)");
+
+    cdp.pump(Duration::from_secs(2)).await;
+    let errors = console_errors(&cdp.events, &[]);
+    assert!(
+        errors.is_empty(),
+        "the page logged errors:\n{}",
+        errors.join("\n")
+    );
+    drop(browser);
+    server.stop().await;
+}
+
+/// The JSON of the limits, schedules and dead-letter features, as their endpoints document it,
+/// with HTML in the strings a client chose.
+fn feature_fixtures(url: &str, served: Option<&[u8]>) -> Option<Vec<u8>> {
+    let body = if url.ends_with("/api/v1/schedules") {
+        json!([{ "id": 1, "cron": "*/5 * * * *", "function": "<img src=x>",
+                 "next_due": "2026-11-30T09:00:00Z", "last_run": null }])
+    } else if url.ends_with("/api/v1/dead-letters") {
+        json!([{ "id": 7, "function": NAME, "handle": "H:test:9", "reason": "<script>x</script>",
+                 "attempts": 3, "time": "2026-11-30T08:00:00Z" }])
+    } else {
+        let mut status: Value = serde_json::from_slice(served?).unwrap();
+        for f in status["functions"].as_array_mut().unwrap() {
+            f["settings"] =
+                json!({ "rate": 5, "burst": null, "max_running": 2, "dead_letter": "<i>dl</i>" });
+        }
+        status
+    };
+    Some(body.to_string().into_bytes())
 }
 
 /// The first view is rendered by the server (useful without JavaScript), escaped, and sent with
@@ -425,7 +529,14 @@ struct Cdp {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_id: u64,
     events: Vec<Value>,
+    /// Requests held by `Fetch.enable`, answered by `fixture` at the next pump.
+    paused: Vec<Value>,
+    /// The answer for a held request: its URL and, held at the response stage, the server's
+    /// body; `None` lets it through unchanged.
+    fixture: Option<Fixture>,
 }
+
+type Fixture = fn(&str, Option<&[u8]>) -> Option<Vec<u8>>;
 
 impl Cdp {
     async fn connect(url: &str) -> Cdp {
@@ -436,6 +547,99 @@ impl Cdp {
             ws,
             next_id: 0,
             events: Vec::new(),
+            paused: Vec::new(),
+            fixture: None,
+        }
+    }
+
+    /// A new tab, attached as a flattened session, with its console, log and page events on
+    /// and a fixed window size; returns the session id.
+    async fn open_page(&mut self) -> String {
+        let target = self
+            .call(None, "Target.createTarget", json!({ "url": "about:blank" }))
+            .await;
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({ "targetId": target["targetId"], "flatten": true }),
+            )
+            .await;
+        let session = attached["sessionId"].as_str().unwrap().to_owned();
+        let s = Some(session.as_str());
+        for domain in ["Runtime.enable", "Log.enable", "Page.enable"] {
+            self.call(s, domain, json!({})).await;
+        }
+        self.call(
+            s,
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1200, "height": 740, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await;
+        session
+    }
+
+    /// Loads `url` in the session's tab and waits for its load event.
+    async fn navigate(&mut self, session: &str, url: &str) {
+        let nav = self
+            .call(Some(session), "Page.navigate", json!({ "url": url }))
+            .await;
+        assert!(nav.get("errorText").is_none(), "navigation failed: {nav}");
+        self.wait_event(session, "Page.loadEventFired", Duration::from_secs(30))
+            .await;
+    }
+
+    /// Sends a command without waiting for its answer (which the read loops then skip).
+    async fn send(&mut self, session: Option<&str>, method: &str, params: Value) {
+        self.next_id += 1;
+        let mut msg = json!({ "id": self.next_id, "method": method, "params": params });
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.ws.send(Message::text(msg.to_string())).await.unwrap();
+    }
+
+    /// Answers the requests `Fetch.enable` holds: with the fixture's body, or unchanged.
+    async fn answer_paused(&mut self) {
+        let Some(fixture) = self.fixture else {
+            return;
+        };
+        while let Some(e) = self.paused.pop() {
+            let session = e["sessionId"].as_str().map(str::to_owned);
+            let s = session.as_deref();
+            let p = &e["params"];
+            let id = p["requestId"].clone();
+            let url = p["request"]["url"].as_str().unwrap_or_default().to_owned();
+            let served = if p.get("responseStatusCode").is_some() {
+                let r = self
+                    .call(s, "Fetch.getResponseBody", json!({ "requestId": id }))
+                    .await;
+                let body = r["body"].as_str().unwrap_or_default();
+                Some(if r["base64Encoded"] == true {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(body)
+                        .unwrap()
+                } else {
+                    body.as_bytes().to_vec()
+                })
+            } else {
+                None
+            };
+            match fixture(&url, served.as_deref()) {
+                Some(body) => {
+                    let params = json!({
+                        "requestId": id,
+                        "responseCode": 200,
+                        "responseHeaders": [{ "name": "Content-Type", "value": "application/json" }],
+                        "body": base64::engine::general_purpose::STANDARD.encode(body),
+                    });
+                    self.send(s, "Fetch.fulfillRequest", params).await
+                }
+                None => {
+                    self.send(s, "Fetch.continueRequest", json!({ "requestId": id }))
+                        .await
+                }
+            }
         }
     }
 
@@ -465,16 +669,22 @@ impl Cdp {
         let msg = timeout(limit, self.ws.next()).await.ok()?;
         let msg = msg.expect("the DevTools WebSocket closed").unwrap();
         let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
-        if v.get("method").is_some() {
+        if v["method"] == "Fetch.requestPaused" {
+            self.paused.push(v.clone());
+        } else if v.get("method").is_some() {
             self.events.push(v.clone());
         }
         Some(v)
     }
 
-    /// Reads events for `d`.
+    /// Reads events for `d`, answering held requests on the way.
     async fn pump(&mut self, d: Duration) {
         let end = Instant::now() + d;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
+        loop {
+            self.answer_paused().await;
+            let Some(left) = end.checked_duration_since(Instant::now()) else {
+                break;
+            };
             if self.next_message(left).await.is_none() {
                 break;
             }
@@ -483,20 +693,19 @@ impl Cdp {
 
     /// Waits for an event of `session` (it may have come already).
     async fn wait_event(&mut self, session: &str, method: &str, limit: Duration) {
-        let seen = |e: &Value| e["method"] == method && e["sessionId"].as_str() == Some(session);
-        if self.events.iter().any(seen) {
-            return;
-        }
         let end = Instant::now() + limit;
         loop {
+            // Also stored by the reads inside answer_paused, so look at every event each time.
+            let seen =
+                |e: &Value| e["method"] == method && e["sessionId"].as_str() == Some(session);
+            if self.events.iter().any(seen) {
+                return;
+            }
+            self.answer_paused().await;
             let left = end
                 .checked_duration_since(Instant::now())
                 .unwrap_or_else(|| panic!("no {method} within {limit:?}"));
-            if let Some(v) = self.next_message(left).await {
-                if seen(&v) {
-                    return;
-                }
-            }
+            self.next_message(left).await;
         }
     }
 
