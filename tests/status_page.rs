@@ -95,7 +95,15 @@ async fn page_shows_live_numbers_in_a_real_browser_without_console_errors() {
             "a completed count above the first one",
         )
         .await;
-    println!("completed count on the page: {first} then {later}");
+    let rate = cdp
+        .wait_value(
+            s,
+            "Number(document.getElementById('s-rate').textContent)",
+            |v| v.as_f64().is_some_and(|r| r > 0.0),
+            "a completed/s rate above 0",
+        )
+        .await;
+    println!("completed count on the page: {first} then {later}; {rate} jobs/s");
 
     let name_cell = cdp
         .eval(s, &format!("{row}.querySelector('td.name').textContent"))
