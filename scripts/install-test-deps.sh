@@ -2,7 +2,8 @@
 # Installs what the test suite talks to, when it is missing: memcached, the real Gearman clients
 # (gearman CLI and gearadmin, PHP's gearman extension, Perl Gearman::Client, Python gear),
 # openssl for the TLS tests' certificates, redis-server and sqlite3 (gearmand's queue stores
-# for the import tests), gearmand for side-by-side runs, and Prometheus with promtool.
+# for the import tests), gearmand for side-by-side runs, Prometheus with promtool, and a headless
+# chromium for the status page test.
 # Debian; needs root (or sudo).
 set -euo pipefail
 
@@ -23,6 +24,7 @@ command -v python3 >/dev/null || need+=(python3 python3-pip)
 command -v openssl >/dev/null || need+=(openssl)   # test certificates (tests/tracing.rs)
 command -v redis-server >/dev/null || need+=(redis-server)   # gearmand -q redis (tests/import.rs)
 command -v sqlite3 >/dev/null || need+=(sqlite3)   # inspecting gearmand -q libsqlite3 queues
+command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)   # the status page (tests/status_page.rs)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -1,6 +1,8 @@
 //! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
-//! protocol.
+//! protocol, which also feeds the status page at `/` ([`page`]).
+
+mod page;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +62,7 @@ pub fn router(engine: Engine, health: Arc<Health>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
+        .merge(page::routes())
         .with_state(AppState { engine, health })
 }
 
@@ -144,6 +147,13 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn status(State(s): State<AppState>) -> Response {
+    Json(status_json(&s)).into_response()
+}
+
+/// The body of `/api/v1/status`; the status page renders its first view from it too.
+fn status_json(s: &AppState) -> serde_json::Value {
+    // Totals since start from the engine's counters, so clients can derive throughput.
+    let counts = page::Counts::gather(s.engine.metrics());
     let functions: Vec<serde_json::Value> = s
         .engine
         .function_stats()
@@ -155,12 +165,13 @@ async fn status(State(s): State<AppState>) -> Response {
                 "running": f.running,
                 "scheduled": f.scheduled,
                 "workers": f.workers,
+                "counts": counts.of(&f.label),
             })
         })
         .collect();
     let t = s.engine.totals();
     let persistence = s.health.persistence.lock().expect("health lock").clone();
-    Json(serde_json::json!({
+    serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node_id": s.engine.config().node_id,
         "ready": s.health.is_ready(),
@@ -168,8 +179,8 @@ async fn status(State(s): State<AppState>) -> Response {
         "connections": t.connections,
         "clients": t.clients,
         "workers": t.workers,
+        "counts": counts.total(),
         "functions": functions,
         "persistence": persistence.unwrap_or(serde_json::json!({ "enabled": false })),
-    }))
-    .into_response()
+    })
 }
