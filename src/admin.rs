@@ -19,6 +19,63 @@ pub enum AfterAdmin {
     Shutdown {
         graceful: bool,
     },
+    /// A listing that can be as long as the queue: the connection writes it a page at a time
+    /// ([`Listing::write_page`]), sending each before it takes the next, so neither the
+    /// engine lock nor the connection's unsent output grows with the queue.
+    List(Listing),
+}
+
+/// An admin listing produced in pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `show jobs`
+    Jobs,
+    /// `show unique jobs`
+    Uniques,
+}
+
+impl Listing {
+    /// Appends the page starting at job slot `from`; returns where the next page starts, or
+    /// `None` after the last page (whose closing `.` line it wrote).
+    pub fn write_page(self, engine: &Engine, from: usize, out: &mut BytesMut) -> Option<usize> {
+        let next = match self {
+            Listing::Jobs => {
+                let page = engine.jobs_page(from);
+                for j in page.items {
+                    out.put_slice(&j.handle);
+                    // gearmand counts a retry when a job goes back to the queue: a queued job
+                    // has failed every attempt it had, a running one all but the current one.
+                    let retries = if j.queued {
+                        j.attempts
+                    } else {
+                        j.attempts.saturating_sub(1)
+                    };
+                    out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
+                }
+                page.next
+            }
+            Listing::Uniques => {
+                let page = engine.uniques_page(from);
+                for u in page.items {
+                    out.put_slice(&u);
+                    out.put_u8(b'\n');
+                }
+                page.next
+            }
+        };
+        if next.is_none() {
+            out.put_slice(b".\n");
+        }
+        next
+    }
+
+    /// Writes the whole listing (for callers without a socket to pace it).
+    pub fn write_all(self, engine: &Engine, out: &mut BytesMut) {
+        let mut from = 0;
+        while let Some(next) = self.write_page(engine, from, out) {
+            from = next;
+        }
+    }
 }
 
 /// What one admin line did: its command name (for metrics), whether it succeeded, and what the
@@ -99,9 +156,9 @@ pub fn execute(
         ("status", _) => status(engine, out),
         ("prioritystatus", _) => priority_status(engine, out),
         ("workers", _) => workers(engine, out),
-        ("show", "jobs") => show_jobs(engine, out),
+        ("show", "jobs") => show_jobs(),
         ("show", "unique") if words.get(2).is_some_and(|w| w.eq_ignore_ascii_case("jobs")) => {
-            show_unique_jobs(engine, out)
+            show_unique_jobs()
         }
         ("maxqueue", _) => maxqueue(engine, &words, from, out),
         ("cancel", "job") => cancel_job(engine, &words, from, out),
@@ -175,31 +232,14 @@ fn workers(engine: &Engine, out: &mut BytesMut) -> Executed {
     ("workers", true, AfterAdmin::Continue)
 }
 
-/// `show jobs`: `HANDLE\tRETRIES\tIGNORE\tQUEUED` per job, then `.`.
-fn show_jobs(engine: &Engine, out: &mut BytesMut) -> Executed {
-    for j in engine.jobs() {
-        out.put_slice(&j.handle);
-        // gearmand counts a retry when a job goes back to the queue: a queued job has
-        // failed every attempt it had, a running one all but the current attempt.
-        let retries = if j.queued {
-            j.attempts
-        } else {
-            j.attempts.saturating_sub(1)
-        };
-        out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
-    }
-    out.put_slice(b".\n");
-    ("show jobs", true, AfterAdmin::Continue)
+/// `show jobs`: `HANDLE\tRETRIES\tIGNORE\tQUEUED` per job, then `.` (written in pages).
+fn show_jobs() -> Executed {
+    ("show jobs", true, AfterAdmin::List(Listing::Jobs))
 }
 
-/// `show unique jobs`: one unique id a line, then `.`.
-fn show_unique_jobs(engine: &Engine, out: &mut BytesMut) -> Executed {
-    for u in engine.uniques() {
-        out.put_slice(&u);
-        out.put_u8(b'\n');
-    }
-    out.put_slice(b".\n");
-    ("show unique jobs", true, AfterAdmin::Continue)
+/// `show unique jobs`: one unique id a line, then `.` (written in pages).
+fn show_unique_jobs() -> Executed {
+    ("show unique jobs", true, AfterAdmin::List(Listing::Uniques))
 }
 
 /// `maxqueue FUNCTION [N | HIGH NORMAL LOW]`: no number removes the limit (0 = none).

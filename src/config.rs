@@ -57,6 +57,8 @@ pub struct ServerSection {
     pub max_unique_len: usize,
     pub max_client_id_len: usize,
     pub admin_networks: Vec<String>,
+    pub admin_read_networks: Vec<String>,
+    pub max_unsent_bytes: usize,
     pub shutdown_timeout_ms: u64,
     /// Runtime threads serving connections; 0 = one per core.
     pub worker_threads: usize,
@@ -217,7 +219,11 @@ section_defaults!(
 );
 
 /// Keys that hold lists, so an environment value is split on commas.
-const LIST_KEYS: &[&str] = &["server.admin_networks", "persistence.memcached"];
+const LIST_KEYS: &[&str] = &[
+    "server.admin_networks",
+    "server.admin_read_networks",
+    "persistence.memcached",
+];
 
 impl Config {
     /// Loads defaults, then `file` (if given; it must exist), then the environment, then the
@@ -292,13 +298,24 @@ impl Config {
         if self.server.max_connections == 0 {
             return bad("server.max_connections", "must be at least 1");
         }
-        for n in &self.server.admin_networks {
-            if n.parse::<ipnet::IpNet>().is_err() {
-                return Err(ConfigError::Invalid {
-                    key: "server.admin_networks",
-                    why: format!("{n:?} is not a network like 127.0.0.0/8"),
-                });
+        for (key, list) in [
+            ("server.admin_networks", &self.server.admin_networks),
+            (
+                "server.admin_read_networks",
+                &self.server.admin_read_networks,
+            ),
+        ] {
+            for n in list {
+                if n.parse::<ipnet::IpNet>().is_err() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        why: format!("{n:?} is not a network like 127.0.0.0/8"),
+                    });
+                }
             }
+        }
+        if self.server.max_unsent_bytes < 64 * 1024 {
+            return bad("server.max_unsent_bytes", "must be at least 65536");
         }
         if let Err(e) = Access::new(&self.access.rules) {
             return Err(ConfigError::Invalid {
@@ -393,6 +410,12 @@ impl Config {
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect(),
+            admin_read_networks: s
+                .admin_read_networks
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            max_unsent_bytes: s.max_unsent_bytes,
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             keepalive: self.keepalive(),
             access: std::sync::Arc::new(

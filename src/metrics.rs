@@ -61,6 +61,8 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// Requests refused by the access rules, by action (submit, register, admin).
     pub access_denied: IntCounterVec,
+    /// How long each critical section held the engine lock.
+    pub engine_lock_hold_seconds: Histogram,
     // Gauges filled from the engine at scrape time (names kept from the gearmand exporter).
     pub up: IntGauge,
     pub version_info: IntGaugeVec,
@@ -301,6 +303,18 @@ impl Metrics {
                 &["reason"],
             ),
             trace_jobs_in_flight: gauge(&r, "gearhouse_trace_jobs_in_flight", "Jobs being followed for a trace (queued or running)"),
+            engine_lock_hold_seconds: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "gearhouse_engine_lock_hold_seconds",
+                        "How long each critical section held the engine lock (every request, page of a listing, timer and metrics read takes it once)",
+                    )
+                    .buckets(vec![1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             trace_export_seconds: {
                 let h = Histogram::with_opts(HistogramOpts::new("gearhouse_trace_export_seconds", "Time to send one batch of spans to the OTLP collector").buckets(LATENCY_BUCKETS.to_vec())).expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::access::{Access, AdminAccess, Permissions};
-use crate::admin::{self, AfterAdmin};
+use crate::admin::{self, AfterAdmin, Listing};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
 use crate::engine::{put_error, ConnId, Engine};
 use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request};
@@ -36,6 +36,11 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     pub limits: ArgLimits,
     pub admin_networks: Vec<IpNet>,
+    /// Networks allowed to send read-only admin commands (`server.admin_read_networks`).
+    pub admin_read_networks: Vec<IpNet>,
+    /// Unsent output above which a connection's requests are not read until it drains
+    /// (`server.max_unsent_bytes`).
+    pub max_unsent_bytes: usize,
     /// How long a closing connection may take to write what it still owes its peer.
     pub shutdown_timeout: Duration,
     /// TCP keepalive on accepted connections (`server.keepalive*`), if on.
@@ -355,6 +360,10 @@ struct Connection<S> {
     framed: Framed<S, GearmanCodec>,
     /// What the peer may do (access rules).
     perms: Arc<Permissions>,
+    /// In `server.admin_read_networks` (or `admin_networks`): may use read-only admin commands.
+    may_read_admin: bool,
+    /// A listing being written a page at a time, and the slot its next page starts at.
+    listing: Option<(Listing, usize)>,
     rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
     shutdown: Shutdown,
@@ -384,6 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let id = engine.connect(peer, tx, kill.clone());
         let codec = GearmanCodec::new(cfg.max_packet_size, cfg.max_admin_line);
         let is_admin = admin::is_admin(peer.ip(), &cfg.admin_networks);
+        let may_read_admin = is_admin || admin::is_admin(peer.ip(), &cfg.admin_read_networks);
         Connection {
             id,
             peer,
@@ -391,6 +401,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             cfg,
             framed: Framed::with_capacity(stream, codec, 16 * 1024),
             perms,
+            may_read_admin,
+            listing: None,
             rx,
             kill,
             shutdown,
@@ -475,8 +487,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if let Some(close) = self.handle(frame) {
                         return close;
                     }
-                    // Handle whatever else is already readable, then write once.
+                    // Handle whatever else is already readable, then write once; but read no
+                    // further while a listing is pending or the peer already owes us a lot of
+                    // reading (its requests wait in the socket: TCP pushes back on it).
                     for _ in 0..FRAMES_PER_FLUSH {
+                        if self.listing.is_some() || self.unsent() >= self.cfg.max_unsent_bytes {
+                            break;
+                        }
                         match self.framed.next().now_or_never() {
                             Some(Some(Ok(f))) => {
                                 if let Some(close) = self.handle(f) {
@@ -495,6 +512,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         .codec()
                         .is_mid_frame(self.framed.read_buffer())
                         .then(tokio::time::Instant::now);
+                    if let Some(close) = self.write_listing(shutdown).await {
+                        return close;
+                    }
                     self.drain_outbound();
                     if let Some(close) = self.write_out(shutdown).await {
                         return close;
@@ -522,6 +542,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             r = self.flush() => r.err().map(|_| Close::Peer),
             _ = kill.cancelled() => Some(if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed }),
         }
+    }
+
+    /// Bytes written to the buffer and not yet sent.
+    fn unsent(&self) -> usize {
+        self.framed.write_buffer().len()
+    }
+
+    /// Writes a pending listing a page at a time (each page takes the engine lock once, for a
+    /// bounded walk), sending whenever the unsent output reaches `server.max_unsent_bytes`.
+    async fn write_listing(&mut self, shutdown: &CancellationToken) -> Option<Close> {
+        while let Some((listing, from)) = self.listing.take() {
+            let next = listing.write_page(&self.engine, from, self.framed.write_buffer_mut());
+            self.listing = next.map(|n| (listing, n));
+            if self.unsent() >= self.cfg.max_unsent_bytes {
+                if let Some(close) = self.write_out(shutdown).await {
+                    return Some(close);
+                }
+            }
+        }
+        None
     }
 
     fn push_out(&mut self, pkt: Bytes) {
@@ -556,6 +596,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match frame {
             Frame::Admin(line) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
+                if !self.may_read_admin {
+                    metrics.access_denied.with_label_values(&["admin"]).inc();
+                    self.framed.write_buffer_mut().extend_from_slice(
+                        b"ERR PERMISSION_DENIED admin+commands+are+accepted+only+from+server.admin_read_networks\r\n",
+                    );
+                    return None;
+                }
                 let out = self.framed.write_buffer_mut();
                 let is_admin = match self.perms.admin() {
                     _ if self.perms.is_open() => self.is_admin,
@@ -576,6 +623,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 match after {
                     AfterAdmin::Shutdown { graceful: true } => self.shutdown.drain(),
                     AfterAdmin::Shutdown { graceful: false } => self.shutdown.now(),
+                    AfterAdmin::List(l) => self.listing = Some((l, 0)),
                     AfterAdmin::Continue => {}
                 }
                 None

@@ -16,12 +16,14 @@
 //! - [`timers`]: epoch jobs and CAN_DO_TIMEOUT, and the task that fires them.
 //! - [`restore`]: putting recovered jobs back, and the records the mirror re-reads.
 //! - [`snapshots`]: GET_STATUS, the admin and metrics views, and the admin mutations.
+//! - [`pages`]: large admin listings a page (a bounded walk under the lock) at a time.
 //!
 //! Log lines decided while the lock is held are queued in [`State`] and written by the guard
 //! ([`Locked`]) after it releases the lock, so a slow log sink never stalls the job path.
 
 mod clock;
 mod job;
+mod pages;
 mod restore;
 mod seams;
 mod snapshots;
@@ -55,6 +57,7 @@ use clock::Clock;
 use job::{Function, Job};
 use timers::Timer;
 
+pub use pages::{Page, PAGE_SLOTS};
 pub use seams::{
     EndedJob, JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, OutcomeSink,
     PeerInfo,
@@ -263,6 +266,8 @@ struct Locked<'a> {
     /// Always `Some` until drop takes it.
     guard: Option<MutexGuard<'a, State>>,
     shared: &'a Shared,
+    /// When the lock was taken (for `gearhouse_engine_lock_hold_seconds`).
+    since: std::time::Instant,
 }
 
 impl Deref for Locked<'_> {
@@ -283,11 +288,12 @@ impl Drop for Locked<'_> {
         let Some(mut guard) = self.guard.take() else {
             return;
         };
-        if guard.deferred.is_empty() {
-            return;
-        }
         let lines = std::mem::take(&mut guard.deferred);
         drop(guard);
+        self.shared
+            .metrics
+            .engine_lock_hold_seconds
+            .observe(self.since.elapsed().as_secs_f64());
         for line in lines {
             line.write(self.shared);
         }
@@ -425,6 +431,7 @@ impl Engine {
                     .unwrap_or_else(PoisonError::into_inner),
             ),
             shared: &self.shared,
+            since: std::time::Instant::now(),
         }
     }
 

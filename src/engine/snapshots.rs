@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 
-use super::job::{Job, JobState};
+use super::job::Job;
 use super::{send_each, ConnId, Engine, JobOutcome};
 use crate::codec::{put_response, response, PacketType};
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -150,35 +150,28 @@ impl Engine {
         v
     }
 
-    /// Every live job (for `show jobs`), by sequence.
+    /// Every live job, page by page (see [`Engine::jobs_page`]: the lock is taken per page).
     pub fn jobs(&self) -> Vec<JobInfo> {
-        let st = self.lock();
-        let mut v: Vec<(u64, JobInfo)> = st
-            .jobs
-            .iter()
-            .map(|(_, j)| {
-                (
-                    j.seq,
-                    JobInfo {
-                        handle: self.handle_of(j.seq),
-                        attempts: j.attempts,
-                        queued: j.state == JobState::Queued,
-                    },
-                )
-            })
-            .collect();
-        v.sort_by_key(|(s, _)| *s);
-        v.into_iter().map(|(_, j)| j).collect()
+        let mut v = Vec::new();
+        let mut from = Some(0);
+        while let Some(f) = from {
+            let page = self.jobs_page(f);
+            v.extend(page.items);
+            from = page.next;
+        }
+        v
     }
 
-    /// Unique ids of live jobs (for `show unique jobs`).
+    /// Unique ids of live jobs, page by page (see [`Engine::uniques_page`]).
     pub fn uniques(&self) -> Vec<Bytes> {
-        let st = self.lock();
-        st.jobs
-            .iter()
-            .filter(|(_, j)| j.has_unique())
-            .map(|(_, j)| Bytes::copy_from_slice(j.unique()))
-            .collect()
+        let mut v = Vec::new();
+        let mut from = Some(0);
+        while let Some(f) = from {
+            let page = self.uniques_page(f);
+            v.extend(page.items);
+            from = page.next;
+        }
+        v
     }
 
     /// `maxqueue`: sets per-priority limits for a function (creating it if needed).

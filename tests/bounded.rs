@@ -1,0 +1,139 @@
+//! Bounded work per peer, with the real binary and a deep queue: a peer that floods `show jobs`
+//! over a million queued jobs and never reads holds about `server.max_unsent_bytes` of server
+//! memory (not gigabytes), other clients keep round trips under 50 ms meanwhile, and the engine
+//! lock is held for short sections whatever the queue size (`gearhouse_engine_lock_hold_seconds`).
+//! Read-only admin commands can be closed with `server.admin_read_networks`.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{http_get, BinServer, Conn};
+use gearhouse::client::Connection;
+use gearhouse::codec::PacketType;
+
+const JOBS: usize = 1_000_000;
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Queues `n` background jobs, pipelined in batches.
+async fn fill(srv: &BinServer, n: usize) {
+    let mut c = Connection::connect(srv.addr()).await.unwrap();
+    let mut done = 0;
+    while done < n {
+        let batch = (n - done).min(20_000);
+        for i in 0..batch {
+            let data = format!("payload-{:08}", done + i);
+            c.put(PacketType::SUBMIT_JOB_BG, &[b"deep", b"", data.as_bytes()]);
+        }
+        c.flush().await.unwrap();
+        for _ in 0..batch {
+            let p = c.recv().await.unwrap();
+            assert_eq!(p.kind, PacketType::JOB_CREATED);
+        }
+        done += batch;
+    }
+}
+
+async fn metric(srv: &BinServer, series: &str) -> f64 {
+    let (_, body) = http_get(srv.http_addr(), "/metrics").await.unwrap();
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_show_jobs_without_reading_holds_bounded_memory_and_stalls_nobody() {
+    let srv = BinServer::start(&["--node-id", "deep"], &[]);
+    let pid = srv.child.id();
+    fill(&srv, JOBS).await;
+    let base = rss_kib(pid);
+
+    // The flooder: a few kilobytes of `show jobs` lines, pipelined, never read.
+    let mut flood = std::net::TcpStream::connect(srv.addr()).unwrap();
+    let lines = "show jobs\n".repeat(2000);
+    flood.write_all(lines.as_bytes()).unwrap();
+
+    // Meanwhile another client's round trips (binary and admin) and the server's memory.
+    let mut probe = Conn::connect(srv.addr()).await;
+    let mut worst = Duration::ZERO;
+    let mut peak = base;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let t = Instant::now();
+        probe.send(PacketType::ECHO_REQ, &[b"ping"]).await;
+        probe.expect(PacketType::ECHO_RES).await;
+        assert!(probe.admin("version").await.starts_with("OK "));
+        worst = worst.max(t.elapsed());
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let grew_mib = (peak.saturating_sub(base)) as f64 / 1024.0;
+    println!(
+        "{JOBS} jobs queued: RSS {} MiB before the flood, peak {} MiB during it (+{grew_mib:.1} MiB); worst round trip {worst:?}",
+        base / 1024,
+        peak / 1024
+    );
+    // The bound: server.max_unsent_bytes (1 MiB) plus one page of the listing and the
+    // allocator's slack; before paging, this flood took several GB within seconds.
+    assert!(grew_mib < 32.0, "memory grew by {grew_mib:.1} MiB");
+    assert!(
+        worst < Duration::from_millis(50),
+        "a round trip took {worst:?}"
+    );
+
+    // The flooder's listing is real, and in order: it starts with the first job.
+    let mut head = [0u8; 64];
+    flood
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Read::read_exact(&mut flood, &mut head).unwrap();
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("H:deep:1\t0\t0\t1\nH:deep:2\t"), "{head}");
+
+    // Every critical section under the engine lock was short.
+    let count = metric(&srv, "gearhouse_engine_lock_hold_seconds_count").await;
+    let under = metric(
+        &srv,
+        "gearhouse_engine_lock_hold_seconds_bucket{le=\"0.05\"}",
+    )
+    .await;
+    assert!(count > JOBS as f64, "{count}");
+    assert_eq!(under, count, "some lock holds took over 50 ms");
+}
+
+#[tokio::test]
+async fn read_only_admin_commands_can_be_closed_to_other_networks() {
+    let env = [
+        ("GEARHOUSE_SERVER__ADMIN_READ_NETWORKS", "10.0.0.0/8"),
+        ("GEARHOUSE_SERVER__ADMIN_NETWORKS", "10.0.0.0/8"),
+    ];
+    let srv = BinServer::start(&[], &env);
+    let mut c = Conn::connect(srv.addr()).await;
+    for cmd in ["status", "workers", "show jobs", "version"] {
+        let out = c.admin(cmd).await;
+        assert!(out.starts_with("ERR PERMISSION_DENIED"), "{cmd}: {out}");
+    }
+    // Binary requests are not admin commands.
+    c.send(PacketType::ECHO_REQ, &[b"x"]).await;
+    c.expect(PacketType::ECHO_RES).await;
+    drop(srv);
+
+    // Admin networks may always read.
+    let env = [
+        ("GEARHOUSE_SERVER__ADMIN_READ_NETWORKS", "10.0.0.0/8"),
+        ("GEARHOUSE_SERVER__ADMIN_NETWORKS", "127.0.0.0/8"),
+    ];
+    let srv = BinServer::start(&[], &env);
+    let mut c = Conn::connect(srv.addr()).await;
+    assert_eq!(c.admin("status").await, ".\n");
+}
