@@ -24,13 +24,44 @@ pub fn routes(engine: Engine) -> Router {
         .with_state(engine)
 }
 
-fn error(code: StatusCode, why: impl std::fmt::Display) -> Response {
-    (code, Json(serde_json::json!({ "error": why.to_string() }))).into_response()
+/// A refusal: the status and a JSON `{"error": why}` body.
+struct ApiError {
+    code: StatusCode,
+    why: String,
 }
 
-fn scheduler(engine: &Engine) -> Result<Scheduler, Response> {
+impl ApiError {
+    fn new(code: StatusCode, why: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            code,
+            why: why.to_string(),
+        }
+    }
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> ApiError {
+        let code = match e {
+            ScheduleError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ScheduleError::Duplicate(_) => StatusCode::CONFLICT,
+            ScheduleError::NotFound(_) => StatusCode::NOT_FOUND,
+            ScheduleError::TooMany { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            ScheduleError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(code, e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "error": self.why }));
+        (self.code, body).into_response()
+    }
+}
+
+fn scheduler(engine: &Engine) -> Result<Scheduler, ApiError> {
     Scheduler::for_engine(engine).ok_or_else(|| {
-        error(
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the scheduler starts once recovery has completed",
         )
@@ -38,68 +69,47 @@ fn scheduler(engine: &Engine) -> Result<Scheduler, Response> {
 }
 
 /// Refuses a change from outside `server.admin_networks` (or from an unknown peer).
-fn admin_only(s: &Scheduler, ext: &Extensions) -> Result<(), Response> {
+fn admin_only(s: &Scheduler, ext: &Extensions) -> Result<(), ApiError> {
     let peer = ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     match peer {
         Some(p) if crate::admin::is_admin(p.ip(), s.admin_networks()) => Ok(()),
-        _ => Err(error(
+        _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "schedules are changed only from server.admin_networks",
         )),
     }
 }
 
-fn status_of(e: &ScheduleError) -> StatusCode {
-    match e {
-        ScheduleError::Invalid(_) => StatusCode::BAD_REQUEST,
-        ScheduleError::Duplicate(_) => StatusCode::CONFLICT,
-        ScheduleError::NotFound(_) => StatusCode::NOT_FOUND,
-        ScheduleError::TooMany { .. } => StatusCode::INSUFFICIENT_STORAGE,
-        ScheduleError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-    }
+async fn list(State(engine): State<Engine>) -> Result<Response, ApiError> {
+    let s = scheduler(&engine)?;
+    Ok(Json(serde_json::json!({ "schedules": s.list() })).into_response())
 }
 
-async fn list(State(engine): State<Engine>) -> Response {
-    match scheduler(&engine) {
-        Ok(s) => Json(serde_json::json!({ "schedules": s.list() })).into_response(),
-        Err(r) => r,
-    }
-}
-
-async fn create(State(engine): State<Engine>, ext: Extensions, body: Bytes) -> Response {
-    let s = match scheduler(&engine) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Err(r) = admin_only(&s, &ext) {
-        return r;
-    }
+async fn create(
+    State(engine): State<Engine>,
+    ext: Extensions,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let s = scheduler(&engine)?;
+    admin_only(&s, &ext)?;
     // Parsed here rather than by axum's Json so the 400 says which field is wrong.
-    let spec: ScheduleSpec = match serde_json::from_slice(&body) {
-        Ok(spec) => spec,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("body must be JSON {{\"id\", \"cron\", \"function\", \"payload\", \"priority\", \"unique\"}}: {e}"),
-            )
-        }
-    };
-    match s.add(spec).await {
-        Ok(view) => (StatusCode::CREATED, Json(view)).into_response(),
-        Err(e) => error(status_of(&e), e),
-    }
+    let spec: ScheduleSpec = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("body must be JSON {{\"id\", \"cron\", \"function\", \"payload\", \"priority\", \"unique\"}}: {e}"),
+        )
+    })?;
+    let view = s.add(spec).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-async fn remove(State(engine): State<Engine>, ext: Extensions, Path(id): Path<String>) -> Response {
-    let s = match scheduler(&engine) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Err(r) = admin_only(&s, &ext) {
-        return r;
-    }
-    match s.remove(&id).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(status_of(&e), e),
-    }
+async fn remove(
+    State(engine): State<Engine>,
+    ext: Extensions,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let s = scheduler(&engine)?;
+    admin_only(&s, &ext)?;
+    s.remove(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

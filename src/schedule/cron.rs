@@ -39,7 +39,7 @@ impl CronExpr {
     /// Parses 5 fields, or 6 with a leading seconds field; times are UTC.
     pub fn parse(text: &str) -> Result<CronExpr, CronError> {
         let fields = text.split_ascii_whitespace().count();
-        if !(fields == 5 || fields == 6) && !text.trim_start().starts_with('@') {
+        if !(fields == 5 || fields == 6 || text.trim_start().starts_with('@')) {
             return Err(CronError::Invalid {
                 expr: text.into(),
                 why: format!("{fields} fields"),
