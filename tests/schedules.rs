@@ -567,3 +567,35 @@ async fn config_schedules_run_from_memory_without_persistence() {
     stop.now();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gearman_cli_works_scheduled_jobs() {
+    let _shared = TIMING.read().await;
+    let mc = Memcached::start(64, &[]);
+    let server = start(&persistent(&mc, "cli"));
+    let port = server.port.to_string();
+    let worker = common::process::Proc::spawn(
+        "gearman worker",
+        "gearman",
+        &["-p", &port, "-w", "-f", "cli_tick", "-c", "3"].map(String::from),
+    );
+    let body = serde_json::json!({"id": "cli", "cron": "* * * * * *", "function": "cli_tick", "payload": "tick from cron"});
+    let (code, text) = http(
+        server.http_addr(),
+        "POST",
+        "/api/v1/schedules",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(code, 201, "{text}");
+    let done = tokio::task::spawn_blocking(move || worker.finish_within(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(done.status.success(), "{}", done.diag());
+    assert_eq!(
+        done.stdout().matches("tick from cron").count(),
+        3,
+        "{}",
+        done.diag()
+    );
+}
