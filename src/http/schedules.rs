@@ -1,5 +1,5 @@
-//! `/api/v1/schedules`: recurring schedules over HTTP. `GET` lists them (with the next due time
-//! and the last run); `POST` (a JSON [`ScheduleSpec`]) adds one and `DELETE /{id}` removes one,
+//! `/api/v1/schedules`: recurring schedules over HTTP. `GET` lists them as a JSON array (with
+//! the next due time and the last run, RFC 3339 and Unix seconds; the status page reads it); `POST` (a JSON [`ScheduleSpec`]) adds one and `DELETE /{id}` removes one,
 //! both only from `server.admin_networks` (else 403), like the admin commands that change state.
 //! The scheduler starts after recovery: until then these answer 503.
 
@@ -82,7 +82,7 @@ fn admin_only(s: &Scheduler, ext: &Extensions) -> Result<(), ApiError> {
 
 async fn list(State(engine): State<Engine>) -> Result<Response, ApiError> {
     let s = scheduler(&engine)?;
-    Ok(Json(serde_json::json!({ "schedules": s.list() })).into_response())
+    Ok(Json(s.list()).into_response())
 }
 
 async fn create(

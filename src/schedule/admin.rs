@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use bytes::{BufMut, BytesMut};
 
-use super::{cron, Scheduler};
+use super::Scheduler;
 use crate::engine::Engine;
 
 /// `show schedules`: `ID\tCRON\tFUNCTION\tPRIORITY\tNEXT_DUE\tLAST_RUN` per schedule (times in
@@ -15,7 +15,7 @@ pub fn show(engine: &Engine, out: &mut BytesMut) -> (&'static str, bool) {
     const NAME: &str = "show schedules";
     if let Some(s) = Scheduler::for_engine(engine) {
         for v in s.list() {
-            let last = v.last_run.map(cron::rfc3339).unwrap_or_else(|| "-".into());
+            let last = v.last_run.unwrap_or_else(|| "-".into());
             out.put_slice(
                 format!(
                     "{}\t{}\t{}\t{}\t{}\t{}\n",
@@ -23,7 +23,7 @@ pub fn show(engine: &Engine, out: &mut BytesMut) -> (&'static str, bool) {
                     v.spec.cron,
                     v.spec.function,
                     v.spec.priority.priority().as_str(),
-                    v.next_due_utc,
+                    v.next_due,
                     last
                 )
                 .as_bytes(),

@@ -182,17 +182,18 @@ impl SchedulerSettings {
     }
 }
 
-/// A schedule as listed by `GET /api/v1/schedules` and `show schedules`.
+/// A schedule as listed by `GET /api/v1/schedules` (a JSON array of these, the shape the
+/// status page reads) and `show schedules`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScheduleView {
     #[serde(flatten)]
     pub spec: ScheduleSpec,
-    /// Unix seconds and RFC 3339 (UTC).
-    pub next_due: u64,
-    pub next_due_utc: String,
+    /// The next due time, RFC 3339 UTC, and as Unix seconds.
+    pub next_due: String,
+    pub next_due_unix: u64,
     /// The last due time fired (by any server), when known.
-    pub last_run: Option<u64>,
-    pub last_run_utc: Option<String>,
+    pub last_run: Option<String>,
+    pub last_run_unix: Option<u64>,
     /// The handle of the last job this server submitted for it.
     pub last_handle: Option<String>,
     /// `config` or `api`.
@@ -213,10 +214,10 @@ impl Entry {
     fn view(&self) -> ScheduleView {
         ScheduleView {
             spec: self.spec.clone(),
-            next_due: self.next_due,
-            next_due_utc: cron::rfc3339(self.next_due),
-            last_run: self.last_run,
-            last_run_utc: self.last_run.map(cron::rfc3339),
+            next_due: cron::rfc3339(self.next_due),
+            next_due_unix: self.next_due,
+            last_run: self.last_run.map(cron::rfc3339),
+            last_run_unix: self.last_run,
             last_handle: self.last_handle.clone(),
             source: if self.from_config { "config" } else { "api" },
         }
@@ -361,7 +362,7 @@ impl Scheduler {
             self.shared.metrics.schedules.set(t.len() as i64);
         }
         self.shared.changed.notify_one();
-        tracing::info!(schedule = %view.spec.id, cron = %view.spec.cron, function = %view.spec.function, next_due = %view.next_due_utc, "schedule added");
+        tracing::info!(schedule = %view.spec.id, cron = %view.spec.cron, function = %view.spec.function, next_due = %view.next_due, "schedule added");
         Ok(view)
     }
 
