@@ -8,7 +8,7 @@
 //!   data, never held across an await), and one task that sleeps until the earliest due time:
 //!   no polling, so a schedule days ahead costs memory, not CPU. Changes wake it through a
 //!   `Notify`.
-//! - Each due time is fired by its own task: claim it in memcached (`add`, one winner among the
+//! - Each due time is fired by its own task (`fire.rs`): claim it in memcached (`add`, one winner among the
 //!   servers), submit through [`LocalClient`] (it returns after the job's durable write), then
 //!   record it as the last run. The job's unique is derived from (schedule id, due time) unless
 //!   the schedule sets one, so even a double submit would coalesce while the first is queued.
@@ -25,30 +25,27 @@
 
 pub mod admin;
 pub mod cron;
+mod fire;
 mod metrics;
 mod store;
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use self::cron::{CronError, CronExpr};
 pub use self::metrics::ScheduleMetrics;
 use self::store::Store;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::local::LocalClient;
 use crate::metrics::Metrics;
 use crate::persist::kv::{Kv, KvError};
-use crate::protocol::{ArgLimits, Priority, Submit};
+use crate::protocol::{ArgLimits, Priority};
 
 /// A schedule's priority as configuration and JSON spell it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -590,124 +587,6 @@ impl Scheduler {
         }
     }
 
-    /// Fires due time `due` of schedule `id`: claim, submit, record.
-    async fn fire(self, id: String, due: u64, missed: bool) {
-        let span = tracing::info_span!(
-            "gearhouse.schedule.fire",
-            schedule = %id,
-            due,
-            missed,
-            lateness_ms = tracing::field::Empty,
-            handle = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        let outcome = self
-            .fire_inner(&id, due, missed)
-            .instrument(span.clone())
-            .await;
-        span.record("outcome", outcome);
-    }
-
-    async fn fire_inner(&self, id: &str, due: u64, missed: bool) -> &'static str {
-        let sh = &self.shared;
-        let Some(mut spec) = self.table().get(id).map(|e| e.spec.clone()) else {
-            return "removed";
-        };
-        if let Some(store) = &sh.store {
-            // Removed or redefined on another server since this one last synced?
-            match store.get(id).await {
-                Ok(None) => {
-                    self.forget(id);
-                    tracing::info!(
-                        schedule = id,
-                        "schedule removed on another server: not fired"
-                    );
-                    return "removed";
-                }
-                Ok(Some(stored)) if stored != spec => {
-                    let Ok(cron) = validate(&stored, &sh.settings.limits) else {
-                        return "invalid";
-                    };
-                    let still_due = cron.latest_at_or_before(due) == Some(due);
-                    if let Some(e) = self.table().get_mut(id) {
-                        e.next_due = cron.next_after(cron::now_unix()).unwrap_or(u64::MAX);
-                        e.spec = stored.clone();
-                        e.cron = cron;
-                    }
-                    sh.changed.notify_one();
-                    if !still_due {
-                        return "redefined";
-                    }
-                    spec = stored;
-                }
-                Ok(Some(_)) | Err(_) => {}
-            }
-            match store
-                .claim(id, due, &sh.settings.node_id, sh.settings.claim_ttl_s)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    sh.metrics.claims_lost.inc();
-                    self.note_run(id, due, None);
-                    return "claimed_elsewhere";
-                }
-                Err(e) => {
-                    sh.metrics.errors.with_label_values(&["claim"]).inc();
-                    tracing::warn!(schedule = id, error = %e, "due time not fired: its claim in memcached failed (firing without one could run it twice)");
-                    return "claim_failed";
-                }
-            }
-        }
-        let unique = spec
-            .unique
-            .clone()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| format!("sched:{id}:{due}"));
-        let mut client = LocalClient::connect(
-            &sh.engine,
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            "gearhouse-scheduler",
-            sh.settings.outbound,
-        );
-        let submitted = client
-            .submit(Submit {
-                function: Bytes::from(spec.function.clone()),
-                unique: Bytes::from(unique),
-                data: Bytes::from(spec.payload.clone()),
-                priority: spec.priority.priority(),
-                background: true,
-                epoch: None,
-                reducer: None,
-            })
-            .await;
-        let handle = match submitted {
-            Ok(h) => String::from_utf8_lossy(&h).into_owned(),
-            Err(e) => {
-                sh.metrics.errors.with_label_values(&["submit"]).inc();
-                tracing::warn!(schedule = id, error = %e, "due time not fired: the job was refused");
-                return "refused";
-            }
-        };
-        let lateness = (cron::now_unix_f64() - due as f64).max(0.0);
-        sh.metrics.lateness.observe(lateness);
-        sh.metrics.fired.with_label_values(&[id]).inc();
-        if missed {
-            sh.metrics.missed_fired.inc();
-        }
-        let span = tracing::Span::current();
-        span.record("lateness_ms", (lateness * 1000.0) as u64);
-        span.record("handle", handle.as_str());
-        tracing::debug!(schedule = id, handle = %handle, lateness_ms = (lateness * 1000.0) as u64, "schedule fired");
-        self.note_run(id, due, Some(handle));
-        if let Some(store) = &sh.store {
-            if let Err(e) = store.set_last_run(id, due).await {
-                tracing::warn!(schedule = id, error = %e, "last run not recorded: after a restart this due time is not refired (its claim stands)");
-            }
-        }
-        "fired"
-    }
-
     /// Records `due` as the last run in the table (never moving backwards).
     fn note_run(&self, id: &str, due: u64, handle: Option<String>) {
         if let Some(e) = self.table().get_mut(id) {
@@ -718,5 +597,68 @@ impl Scheduler {
                 e.last_handle = handle;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ArgLimits = ArgLimits {
+        max_function: 16,
+        max_unique: 8,
+        max_client_id: 8,
+    };
+
+    fn spec(id: &str, cron: &str, function: &str) -> ScheduleSpec {
+        ScheduleSpec {
+            id: id.into(),
+            cron: cron.into(),
+            function: function.into(),
+            payload: String::new(),
+            priority: PriorityName::Normal,
+            unique: None,
+        }
+    }
+
+    #[test]
+    fn definitions_are_checked_field_by_field() {
+        assert!(validate(&spec("nightly-1.a_b", "0 2 * * *", "report"), &LIMITS).is_ok());
+        let refused = |s: ScheduleSpec| validate(&s, &LIMITS).unwrap_err().to_string();
+        // Ids are parts of memcached keys: no ':' or spaces, and not the index's name.
+        for id in ["", "a:b", "a b", "index", &"x".repeat(65)] {
+            assert!(
+                refused(spec(id, "* * * * *", "f")).contains("must be 1 to 64"),
+                "{id:?}"
+            );
+        }
+        assert!(refused(spec("a", "* * * * *", "")).contains("function"));
+        assert!(
+            refused(spec("a", "* * * * *", &"f".repeat(17))).contains("server.max_function_len")
+        );
+        let mut long_unique = spec("a", "* * * * *", "f");
+        long_unique.unique = Some("u".repeat(9));
+        assert!(refused(long_unique).contains("server.max_unique_len"));
+        assert!(refused(spec("a", "* * *", "f")).contains("invalid cron expression"));
+    }
+
+    #[test]
+    fn definitions_read_from_json_with_defaults_and_refuse_unknown_keys() {
+        let s: ScheduleSpec =
+            serde_json::from_str(r#"{"id": "t", "cron": "* * * * * *", "function": "f"}"#).unwrap();
+        assert_eq!(
+            (s.payload.as_str(), s.priority, s.unique),
+            ("", PriorityName::Normal, None)
+        );
+        let e = serde_json::from_str::<ScheduleSpec>(
+            r#"{"id": "t", "cron": "* * * * *", "function": "f", "every": 5}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("every"), "{e}");
+        let e = serde_json::from_str::<ScheduleSpec>(
+            r#"{"id": "t", "cron": "* * * * *", "function": "f", "priority": "urgent"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("urgent"), "{e}");
     }
 }
