@@ -265,6 +265,19 @@ stat("Recovery duration", "How long the last start-up recovery took",
 stat("Recovery failed", "1 while start-up recovery cannot complete (memcached unreachable)",
      [("max(gearhouse_recovery_failed)", "failed")], red_at=1, w=6)
 
+# ---- Schedules
+row("Schedules")
+stat("Schedules", "Recurring schedules in each server's table (gearhouse_schedules)",
+     [("max(gearhouse_schedules)", "schedules")], w=4)
+timeseries("Schedule runs", "Due times fired per second (each fires on one server: the one that claims it), runs missed while no server was up and fired once after recovery, and due times another server claimed first",
+           [(f"sum(rate(gearhouse_schedule_lateness_seconds_count[{R}]))", "fired"),
+            (f"sum(rate(gearhouse_schedule_missed_fired_total[{R}]))", "missed, fired after recovery"),
+            (f"sum(rate(gearhouse_schedule_claims_lost_total[{R}]))", "claimed by another server")], unit="short", w=8)
+timeseries("Schedule lateness", "From a due time to its job's JOB_CREATED (after the durable write); the target is p99 under 50 ms",
+           [(f"histogram_quantile({q}, sum by (le) (rate(gearhouse_schedule_lateness_seconds_bucket[{R}])))", f"p{int(q * 100)}") for q in (0.5, 0.99)], unit="s", w=6)
+timeseries("Schedule errors", "Due times not fired: the claim in memcached failed, or the engine refused the job",
+           [(f"sum by (reason) (rate(gearhouse_schedule_errors_total[{R}]))", "{{reason}}")], unit="short", w=6)
+
 # ---- Tracing
 row("Job traces (OTLP)")
 timeseries("Spans exported and dropped", "Spans the collector accepted, and spans dropped (queue full, export failed, shutdown), per second",

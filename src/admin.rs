@@ -160,6 +160,15 @@ pub fn execute(
         ("show", "unique") if words.get(2).is_some_and(|w| w.eq_ignore_ascii_case("jobs")) => {
             show_unique_jobs()
         }
+        ("show", "schedules") => {
+            let (name, ok) = crate::schedule::admin::show(engine, out);
+            (name, ok, AfterAdmin::Continue)
+        }
+        ("cancel", "schedule") => {
+            let (name, ok) =
+                crate::schedule::admin::cancel(engine, &words, from.peer, from.is_admin, out);
+            (name, ok, AfterAdmin::Continue)
+        }
         ("maxqueue", _) => maxqueue(engine, &words, from, out),
         ("cancel", "job") => cancel_job(engine, &words, from, out),
         ("create", "function") => {

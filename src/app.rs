@@ -90,6 +90,9 @@ pub async fn run_listeners(
             };
         }
     }
+    // After recovery, so its first submits (runs missed while down) find the queue restored.
+    let _scheduler =
+        crate::schedule::Scheduler::start(&cfg, &parts.engine, stop.drain.clone()).await;
     serve(&cfg, &parts, gearman, plain, stop).await?;
     finish(&cfg, parts, http_task).await;
     Ok(())

@@ -39,6 +39,9 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub persistence: PersistenceSection,
     pub tracing: TracingSection,
+    pub scheduler: SchedulerSection,
+    /// `[[schedules]]`: recurring schedules defined in the file.
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
     pub access: AccessSection,
     /// `[functions."<name>"]` tables: per-function settings (empty by default).
     pub functions: BTreeMap<String, FunctionSettings>,
@@ -182,6 +185,18 @@ pub struct TracingSection {
     pub max_jobs_in_flight: usize,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// How often each server re-reads the shared schedule index (schedules added or removed
+    /// on another server).
+    pub sync_interval_ms: u64,
+    /// How long a claimed due time is remembered in memcached.
+    pub claim_ttl_s: u32,
+    /// Schedules allowed; more are refused.
+    pub max_schedules: usize,
+}
+
 /// The shipped configuration file, `config/default.toml`: the one place every default is
 /// written (and documented). It is the first layer of every load, and since no section has
 /// `#[serde(default)]`, a key missing from it is an error at start-up and in the tests, not a
@@ -215,7 +230,8 @@ section_defaults!(
     metrics: MetricsSection,
     persistence: PersistenceSection,
     tracing: TracingSection,
-    access: AccessSection
+    access: AccessSection,
+    scheduler: SchedulerSection
 );
 
 /// Keys that hold lists, so an environment value is split on commas.
@@ -353,6 +369,22 @@ impl Config {
         }
         if self.tracing.max_queue == 0 {
             return bad("tracing.max_queue", "must be at least 1");
+        }
+        let limits = self.server_config().limits;
+        let mut ids = std::collections::HashSet::new();
+        for (i, s) in self.schedules.iter().enumerate() {
+            if !ids.insert(&s.id) {
+                return Err(ConfigError::Invalid {
+                    key: "schedules",
+                    why: format!("[[schedules]] #{}: id {:?} is used twice", i + 1, s.id),
+                });
+            }
+            if let Err(e) = crate::schedule::validate(s, &limits) {
+                return Err(ConfigError::Invalid {
+                    key: "schedules",
+                    why: format!("[[schedules]] #{} ({:?}): {e}", i + 1, s.id),
+                });
+            }
         }
         Ok(())
     }
@@ -605,7 +637,8 @@ mod tests {
             .as_object()
             .unwrap()
             .values()
-            .map(|s| s.as_object().unwrap().len())
+            // A section counts its keys; a top-level list (`schedules = []`) is one line.
+            .map(|s| s.as_object().map_or(1, |o| o.len()))
             .sum();
         assert_eq!(
             checked, count,

@@ -12,6 +12,8 @@
 //! - [`metrics`] and [`http`]: Prometheus metrics, health and the JSON status API.
 //! - [`local`]: an in-process client of the engine, for work the server submits itself (HTTP,
 //!   schedules, dead-letter retries).
+//! - [`schedule`]: recurring schedules (cron, UTC) that submit background jobs, shared by the
+//!   servers of a cluster through memcached.
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
 //! - [`functions`]: per-function settings (`[functions."<name>"]`: limits, cache, dead letters).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
@@ -41,6 +43,7 @@ pub mod metrics;
 pub mod net;
 pub mod persist;
 pub mod protocol;
+pub mod schedule;
 pub mod seq_index;
 pub mod server;
 pub mod telemetry;

@@ -341,15 +341,23 @@ impl Request {
             CAN_DO => {
                 let function = p.body.clone();
                 check("function name", &function, limits.max_function)?;
-                Request::CanDo { function, timeout_ms: None }
+                Request::CanDo {
+                    function,
+                    timeout_ms: None,
+                }
             }
             CAN_DO_TIMEOUT => {
                 let [function, t] = <[Bytes; 2]>::try_from(args(p, 2)?).expect("2 args");
                 check("function name", &function, limits.max_function)?;
                 let t = parse_u64("timeout", &t)?;
-                Request::CanDo { function, timeout_ms: Some(t.min(u32::MAX as u64) as u32) }
+                Request::CanDo {
+                    function,
+                    timeout_ms: Some(t.min(u32::MAX as u64) as u32),
+                }
             }
-            CANT_DO => Request::CantDo { function: p.body.clone() },
+            CANT_DO => Request::CantDo {
+                function: p.body.clone(),
+            },
             RESET_ABILITIES => Request::ResetAbilities,
             PRE_SLEEP => Request::PreSleep,
             SUBMIT_JOB => submit(Priority::Normal, false)?,
@@ -391,10 +399,25 @@ impl Request {
                 })
             }
             SUBMIT_JOB_SCHED => {
-                return Err(ProtocolError::new(
-                    ErrorCode::InvalidCommand,
-                    "SUBMIT_JOB_SCHED is not supported (gearmand never ran it on schedule either); use SUBMIT_JOB_EPOCH",
-                ))
+                // The next UTC time matching the fields becomes an epoch job: exactly as
+                // durable, and as cheap while it waits.
+                let [function, unique, minute, hour, mday, month, wday, data] =
+                    <[Bytes; 8]>::try_from(args(p, 8)?).expect("8 args");
+                check("function name", &function, limits.max_function)?;
+                check("unique id", &unique, limits.max_unique)?;
+                let fields = [&minute[..], &hour[..], &mday[..], &month[..], &wday[..]];
+                let now = crate::schedule::cron::now_unix();
+                let epoch = crate::schedule::cron::next_sched_epoch(fields, now)
+                    .map_err(|e| ProtocolError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+                Request::Submit(Submit {
+                    function,
+                    unique,
+                    data,
+                    priority: Priority::Normal,
+                    background: true,
+                    epoch: Some(epoch),
+                    reducer: None,
+                })
             }
             GRAB_JOB => Request::Grab(GrabKind::Plain),
             GRAB_JOB_UNIQ => Request::Grab(GrabKind::Uniq),
@@ -405,15 +428,23 @@ impl Request {
             WORK_COMPLETE => work(WorkKind::Complete)?,
             WORK_FAIL => work(WorkKind::Fail)?,
             WORK_EXCEPTION => work(WorkKind::Exception)?,
-            GET_STATUS => Request::GetStatus { handle: p.body.clone() },
-            GET_STATUS_UNIQUE => Request::GetStatusUnique { unique: p.body.clone() },
-            ECHO_REQ => Request::Echo { data: p.body.clone() },
+            GET_STATUS => Request::GetStatus {
+                handle: p.body.clone(),
+            },
+            GET_STATUS_UNIQUE => Request::GetStatusUnique {
+                unique: p.body.clone(),
+            },
+            ECHO_REQ => Request::Echo {
+                data: p.body.clone(),
+            },
             SET_CLIENT_ID => {
                 let id = p.body.clone();
                 check("client id", &id, limits.max_client_id)?;
                 Request::SetClientId { id }
             }
-            OPTION_REQ => Request::Option { name: p.body.clone() },
+            OPTION_REQ => Request::Option {
+                name: p.body.clone(),
+            },
             ALL_YOURS => Request::AllYours,
             other => {
                 return Err(ProtocolError::new(

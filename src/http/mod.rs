@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
+
+pub mod schedules;
 use crate::protocol::Priority;
 
 /// Liveness and readiness, shared by the server, the persistence layer and the HTTP handlers.
@@ -63,7 +65,11 @@ pub fn router(engine: Engine, health: Arc<Health>) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .merge(page::routes())
-        .with_state(AppState { engine, health })
+        .with_state(AppState {
+            engine: engine.clone(),
+            health,
+        })
+        .merge(schedules::routes(engine))
 }
 
 /// Serves the HTTP routes on an already-bound listener until `shutdown`.
@@ -73,7 +79,9 @@ pub async fn serve(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine, health))
+    // The peer address: schedule changes are accepted only from server.admin_networks.
+    let app = router(engine, health).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

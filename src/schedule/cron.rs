@@ -1,0 +1,196 @@
+//! Cron expressions in UTC, over the `croner` crate: the one place that turns a schedule's text
+//! (or SUBMIT_JOB_SCHED's five fields) into due times. Due times are whole Unix seconds, because
+//! the finest cron field is the second and whole seconds make exact claim keys.
+//!
+//! `croner` rather than `cron`: it reads both the standard 5 fields (minute granularity) and 6
+//! fields with a leading seconds field with one parser, and follows Vixie cron for the rest
+//! (day of month OR day of week, 0 and 7 both Sunday). `cron` demands the seconds field, so
+//! every standard expression would need rewriting first. A year field is refused: neither the
+//! issue nor the protocol has one, and a 7th field is more often a typo.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Utc};
+use croner::parser::{CronParser, Seconds, Year};
+use croner::Cron;
+
+/// Why an expression cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    /// Not a cron expression `croner` accepts (the text says which part).
+    #[error("invalid cron expression {expr:?}: {why} (use 5 fields \"min hour day month weekday\", or 6 with a leading seconds field, in UTC)")]
+    Invalid { expr: String, why: String },
+    /// A valid expression that never matches (e.g. `0 0 30 2 *`).
+    #[error("cron expression {0:?} never matches a time")]
+    NeverDue(String),
+    /// A SUBMIT_JOB_SCHED field holding more than one cron field.
+    #[error("SUBMIT_JOB_SCHED {field} field {value:?} must be one cron field (a number, *, a range or a list), without spaces")]
+    BadField { field: &'static str, value: String },
+}
+
+/// A parsed expression and its text.
+#[derive(Debug, Clone)]
+pub struct CronExpr {
+    text: String,
+    cron: Cron,
+}
+
+impl CronExpr {
+    /// Parses 5 fields, or 6 with a leading seconds field; times are UTC.
+    pub fn parse(text: &str) -> Result<CronExpr, CronError> {
+        let fields = text.split_ascii_whitespace().count();
+        if !(fields == 5 || fields == 6 || text.trim_start().starts_with('@')) {
+            return Err(CronError::Invalid {
+                expr: text.into(),
+                why: format!("{fields} fields"),
+            });
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build()
+            .parse(text)
+            .map_err(|e| CronError::Invalid {
+                expr: text.into(),
+                why: e.to_string(),
+            })?;
+        let expr = CronExpr {
+            text: text.trim().to_string(),
+            cron,
+        };
+        // Refuse at once what would otherwise fail at every wake-up.
+        expr.next_after(now_unix())?;
+        Ok(expr)
+    }
+
+    /// The expression as written (trimmed).
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first due time strictly after `t` (Unix seconds).
+    pub fn next_after(&self, t: u64) -> Result<u64, CronError> {
+        let at = to_utc(t);
+        self.cron
+            .find_next_occurrence(&at, false)
+            .map(|d| d.timestamp().max(0) as u64)
+            .map_err(|_| CronError::NeverDue(self.text.clone()))
+    }
+
+    /// The latest due time at or before `t`, if any (within the search limit).
+    pub fn latest_at_or_before(&self, t: u64) -> Option<u64> {
+        self.cron
+            .find_previous_occurrence(&to_utc(t), true)
+            .ok()
+            .map(|d| d.timestamp().max(0) as u64)
+    }
+}
+
+/// The next time matching SUBMIT_JOB_SCHED's fields (minute, hour, day of month, month, day
+/// of week, each empty for any), strictly after `now`, as Unix seconds.
+pub fn next_sched_epoch(fields: [&[u8]; 5], now: u64) -> Result<u64, CronError> {
+    const NAMES: [&str; 5] = ["minute", "hour", "day of month", "month", "day of week"];
+    let mut parts = Vec::with_capacity(5);
+    for (field, v) in NAMES.into_iter().zip(fields) {
+        let s = std::str::from_utf8(v).map_err(|_| CronError::BadField {
+            field,
+            value: String::from_utf8_lossy(v).into_owned(),
+        })?;
+        let s = s.trim();
+        if s.is_empty() {
+            parts.push("*");
+        } else if s.contains(|c: char| c.is_whitespace() || c == '@') {
+            return Err(CronError::BadField {
+                field,
+                value: s.into(),
+            });
+        } else {
+            parts.push(s);
+        }
+    }
+    CronExpr::parse(&parts.join(" "))?.next_after(now)
+}
+
+/// The wall clock as Unix seconds (due times and the last run are wall-clock times, in UTC).
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The wall clock as fractional Unix seconds, for lateness.
+pub fn now_unix_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `t` as an RFC 3339 UTC time, for people reading the API.
+pub fn rfc3339(t: u64) -> String {
+    to_utc(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn to_utc(t: u64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(t.min(i64::MAX as u64) as i64, 0).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 2026-11-30T08:15:42Z, a Monday.
+    const T: u64 = 1_796_026_542;
+
+    #[test]
+    fn five_fields_are_minutes_and_six_fields_lead_with_seconds() {
+        assert_eq!(rfc3339(T), "2026-11-30T08:15:42Z");
+        let every_minute = CronExpr::parse("* * * * *").unwrap();
+        assert_eq!(every_minute.next_after(T), Ok(T - 42 + 60));
+        let every_2s = CronExpr::parse("*/2 * * * * *").unwrap();
+        assert_eq!(every_2s.next_after(T), Ok(T + 2));
+        assert_eq!(every_2s.next_after(T + 1), Ok(T + 2));
+        let daily = CronExpr::parse("30 2 * * *").unwrap();
+        assert_eq!(
+            rfc3339(daily.next_after(T).unwrap()),
+            "2026-12-01T02:30:00Z"
+        );
+        assert_eq!(
+            rfc3339(daily.latest_at_or_before(T).unwrap()),
+            "2026-11-30T02:30:00Z"
+        );
+        assert_eq!(every_2s.latest_at_or_before(T), Some(T));
+    }
+
+    #[test]
+    fn bad_expressions_say_what_is_expected() {
+        for bad in ["", "* * * *", "* * * * * * 2027", "61 * * * *", "x * * * *"] {
+            let e = CronExpr::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid cron expression"), "{bad:?}: {e}");
+        }
+        assert!(matches!(
+            CronExpr::parse("0 0 30 2 *"),
+            Err(CronError::NeverDue(_)) | Err(CronError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn submit_job_sched_fields_give_the_next_matching_minute() {
+        // Empty fields mean any: the next whole minute.
+        assert_eq!(
+            next_sched_epoch([b"", b"", b"", b"", b""], T),
+            Ok(T - 42 + 60)
+        );
+        // 09:05 on any day: today, later.
+        let t = next_sched_epoch([b"5", b"9", b"", b"", b""], T).unwrap();
+        assert_eq!(rfc3339(t), "2026-11-30T09:05:00Z");
+        // Sundays (0) at 00:00: the coming Sunday.
+        let t = next_sched_epoch([b"0", b"0", b"", b"", b"0"], T).unwrap();
+        assert_eq!(rfc3339(t), "2026-12-06T00:00:00Z");
+        let e = next_sched_epoch([b"5 9", b"", b"", b"", b""], T).unwrap_err();
+        assert!(e.to_string().contains("minute field"), "{e}");
+        let e = next_sched_epoch([b"99", b"", b"", b"", b""], T).unwrap_err();
+        assert!(e.to_string().contains("invalid cron expression"), "{e}");
+    }
+}
