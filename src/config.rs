@@ -294,6 +294,12 @@ impl Config {
         if self.tracing.max_queue == 0 {
             return bad("tracing.max_queue", "must be at least 1");
         }
+        for (name, s) in &self.functions {
+            s.validate(name).map_err(|e| ConfigError::Invalid {
+                key: "functions",
+                why: e.to_string(),
+            })?;
+        }
         Ok(())
     }
 

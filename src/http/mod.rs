@@ -1,6 +1,8 @@
 //! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
-//! protocol.
+//! protocol. [`functions`]: per-function settings (`/api/v1/functions/{name}`).
+
+pub mod functions;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,16 +65,22 @@ pub fn router(engine: Engine, health: Arc<Health>) -> Router {
         .with_state(AppState { engine, health })
 }
 
-/// Serves the HTTP routes on an already-bound listener until `shutdown`.
+/// Serves the HTTP routes and `more` (the functions API) on an already-bound listener until
+/// `shutdown`. Handlers see the peer address (`ConnectInfo`) for `server.admin_networks`.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     health: Arc<Health>,
+    more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine, health))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(engine, health).merge(more);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// Copies the engine's current state into the scrape-time gauges.
@@ -155,6 +163,7 @@ async fn status(State(s): State<AppState>) -> Response {
                 "running": f.running,
                 "scheduled": f.scheduled,
                 "workers": f.workers,
+                "settings": f.settings,
             })
         })
         .collect();

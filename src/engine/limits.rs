@@ -1,0 +1,459 @@
+//! Per-function rate and concurrency limits, as the grab path applies them.
+//!
+//! A function with `rate` (and `burst`) or `max_running` gets a [`Limits`] box; functions without
+//! limits carry `None` and pay one `Option` check per grab. A grab skips a function whose running
+//! count is at `max_running` or whose token bucket is empty: its job stays at the head of its
+//! queue (FIFO holds), the worker gets NO_JOB for it (other functions are still served), and the
+//! sleeping workers are woken with NOOP when the limit allows the next job: by a
+//! [`Timer::RateRefill`](super::timers::Timer) at the moment the bucket has a token again (no
+//! polling), or by a running job of the function ending.
+//!
+//! The bucket is the `governor` crate's GCRA limiter (a token bucket measured in arrival times:
+//! one atomic word, no refill task), read on the engine's [`Clock`] so tests that pause tokio's
+//! clock drive it too. governor is the well-kept choice (used by tower-governor and many
+//! servers, `no_std`-capable, its only dependencies here are four small crates); its
+//! [`NotUntil`](governor::NotUntil) tells exactly when the next token comes, which is what the
+//! refill timer needs. A refusal does not consume a token, and a token is taken only once a live
+//! job is at hand, so the measured rate is the configured one.
+//!
+//! Metrics (registered on the server's registry, one series per function label that has limits):
+//! `gearhouse_job_limit_wait_seconds{function}` (how long each job of a limited function was
+//! held at the head of its queue by the limits, 0 when it was not held),
+//! `gearhouse_job_limit_refusals_total{function,limit}` (grabs that found the function's next
+//! job held back, `limit` = `rate` or `max_running`) and `gearhouse_function_setting{function,
+//! setting}` (the settings in force).
+
+use std::time::Duration;
+
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry,
+};
+
+use super::clock::{secs_between, Clock};
+use super::job::Function;
+use super::timers::Timer;
+use super::{Engine, State};
+use crate::functions::FunctionSettings;
+use crate::metrics::LATENCY_BUCKETS;
+
+/// The engine clock as governor's time source: instants are durations since the engine started.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EngineClock(pub(super) Clock);
+
+impl governor::clock::Clock for EngineClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.now_ns())
+    }
+}
+
+type Bucket = RateLimiter<NotKeyed, InMemoryState, EngineClock, NoOpMiddleware<Duration>>;
+
+/// Which limit held a job back (the `limit` label of the refusals counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hold {
+    Rate,
+    MaxRunning,
+}
+
+/// The metrics of every function's limits, registered once per server.
+pub(super) struct LimitMetrics {
+    wait: HistogramVec,
+    refusals: IntCounterVec,
+    settings: GaugeVec,
+}
+
+impl LimitMetrics {
+    /// Creates the metrics and registers them on `registry` (a second engine on the same
+    /// registry, as in some tests, keeps its own unexported copies).
+    pub(super) fn new(registry: &Registry) -> LimitMetrics {
+        let m = LimitMetrics {
+            wait: HistogramVec::new(
+                HistogramOpts::new(
+                    "gearhouse_job_limit_wait_seconds",
+                    "Time each job of a function with rate or max_running limits spent at the head of its queue held back by them (0 when not held)",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["function"],
+            )
+            .expect("valid metric"),
+            refusals: IntCounterVec::new(
+                Opts::new(
+                    "gearhouse_job_limit_refusals_total",
+                    "Grabs that found a function's next job held back by its limits",
+                ),
+                &["function", "limit"],
+            )
+            .expect("valid metric"),
+            settings: GaugeVec::new(
+                Opts::new(
+                    "gearhouse_function_setting",
+                    "Per-function settings in force (0 = unlimited or off; max_queue 0 = engine.max_queue_per_function)",
+                ),
+                &["function", "setting"],
+            )
+            .expect("valid metric"),
+        };
+        let _ = registry.register(Box::new(m.wait.clone()));
+        let _ = registry.register(Box::new(m.refusals.clone()));
+        let _ = registry.register(Box::new(m.settings.clone()));
+        m
+    }
+
+    /// Publishes the settings of a function (under its metrics label).
+    pub(super) fn publish(&self, label: &str, f: &Function) {
+        let g = |setting: &str| -> Gauge { self.settings.with_label_values(&[label, setting]) };
+        let (rate, burst) = f.limits.as_ref().and_then(|l| l.rate).unwrap_or((0.0, 0));
+        g("rate").set(rate);
+        g("burst").set(burst as f64);
+        g("max_running").set(f.limits.as_ref().map_or(0, |l| l.max_running) as f64);
+        g("max_queue").set(f.max_queue.map_or(0, |q| q[1]) as f64);
+        g("cache_ttl_s").set(f.cache_ttl_s as f64);
+        g("dead_letter").set(f.dead_letter as u8 as f64);
+    }
+}
+
+/// A function's limits and what the grab path knows about them.
+pub(super) struct Limits {
+    /// (jobs per second, burst); `None` = no rate limit.
+    rate: Option<(f64, u32)>,
+    bucket: Option<Bucket>,
+    /// 0 = no concurrency limit.
+    max_running: u32,
+    /// Before this clock reading the bucket is known to be empty (learnt from its last refusal,
+    /// so sleeping workers are not woken only to be refused).
+    next_token_ns: u64,
+    /// Deadline of the pending refill timer, if one is pending.
+    refill_due: Option<u64>,
+    /// When the job now at the head of the function's queues was first held back.
+    held_since_ns: Option<u64>,
+    wait: Histogram,
+    refused_rate: IntCounter,
+    refused_running: IntCounter,
+}
+
+impl Limits {
+    /// Limits for `s`, or `None` when it sets none (the function then pays nothing).
+    fn new(s: &FunctionSettings, clock: Clock, m: &LimitMetrics, label: &str) -> Option<Limits> {
+        let rate = s.rate_limit();
+        let max_running = s.running_limit().unwrap_or(0);
+        if rate.is_none() && max_running == 0 {
+            return None;
+        }
+        Some(Limits {
+            rate,
+            bucket: rate.map(|(r, b)| bucket(r, b, clock)),
+            max_running,
+            next_token_ns: 0,
+            refill_due: None,
+            held_since_ns: None,
+            wait: m.wait.with_label_values(&[label]),
+            refused_rate: m.refusals.with_label_values(&[label, "rate"]),
+            refused_running: m.refusals.with_label_values(&[label, "max_running"]),
+        })
+    }
+
+    /// The limit that holds the function's next job back now, if one does. Takes no token: a
+    /// rate is known to hold only after the bucket refused (see [`Limits::try_start`]).
+    pub(super) fn holds(&self, running: u32, now_ns: u64) -> Option<Hold> {
+        if self.max_running > 0 && running >= self.max_running {
+            return Some(Hold::MaxRunning);
+        }
+        (now_ns < self.next_token_ns).then_some(Hold::Rate)
+    }
+
+    /// Takes a token for a job about to start. `Err(due)`: the bucket is empty until `due`
+    /// (a clock reading); the job stays where it is.
+    pub(super) fn try_start(&mut self, now_ns: u64) -> Result<(), u64> {
+        if let Some(b) = &self.bucket {
+            if let Err(not_until) = b.check() {
+                let due = not_until.earliest_possible().as_nanos() as u64;
+                self.next_token_ns = due;
+                return Err(due);
+            }
+        }
+        let since = self.held_since_ns.take().unwrap_or(now_ns);
+        self.wait.observe(secs_between(since, now_ns));
+        Ok(())
+    }
+
+    /// Records that a grab found the next job held back by `why`.
+    pub(super) fn held(&mut self, now_ns: u64, why: Hold) {
+        self.held_since_ns.get_or_insert(now_ns);
+        match why {
+            Hold::Rate => self.refused_rate.inc(),
+            Hold::MaxRunning => self.refused_running.inc(),
+        }
+    }
+
+    /// True when a refill timer for `due` must be added (none is pending that fires sooner).
+    pub(super) fn wants_refill_at(&mut self, due: u64) -> bool {
+        if self.refill_due.is_some_and(|d| d <= due) {
+            return false;
+        }
+        self.refill_due = Some(due);
+        true
+    }
+
+    /// The configured rate and burst, if any.
+    pub(super) fn rate(&self) -> Option<(f64, u32)> {
+        self.rate
+    }
+
+    /// The configured concurrency limit (0 = none).
+    pub(super) fn max_running(&self) -> u32 {
+        self.max_running
+    }
+
+    /// Jobs observed and seconds they were held, from the wait histogram.
+    pub(super) fn waited(&self) -> (u64, f64) {
+        (self.wait.get_sample_count(), self.wait.get_sample_sum())
+    }
+
+    /// Grabs refused by the rate and by max_running.
+    pub(super) fn refusals(&self) -> (u64, u64) {
+        (self.refused_rate.get(), self.refused_running.get())
+    }
+}
+
+/// A GCRA bucket allowing `burst` jobs at once and one more every `1 / rate` seconds.
+fn bucket(rate: f64, burst: u32, clock: Clock) -> Bucket {
+    let period = Duration::from_secs_f64(1.0 / rate).max(Duration::from_nanos(1));
+    let burst = std::num::NonZeroU32::new(burst.max(1)).expect("at least 1");
+    let quota = Quota::with_period(period)
+        .expect("a non-zero period")
+        .allow_burst(burst);
+    RateLimiter::direct_with_clock(quota, EngineClock(clock))
+}
+
+/// Installs the limits of settings `s` on `f`. A bucket whose rate and burst did not change is
+/// kept, so changing `max_running` does not hand out a fresh burst.
+pub(super) fn update(f: &mut Function, s: &FunctionSettings, clock: Clock, m: &LimitMetrics) {
+    let same_rate = f.limits.as_ref().map(|l| l.rate) == Some(s.rate_limit());
+    let mut new = Limits::new(s, clock, m, &f.metrics.label).map(Box::new);
+    if let (Some(new), Some(old)) = (new.as_deref_mut(), f.limits.as_deref_mut()) {
+        new.held_since_ns = old.held_since_ns;
+        new.refill_due = old.refill_due;
+        if same_rate {
+            new.bucket = old.bucket.take();
+            new.next_token_ns = old.next_token_ns;
+        }
+    }
+    f.limits = new;
+}
+
+impl Engine {
+    /// A refill timer fired: the bucket of `func` has a token again, so one sleeping worker
+    /// is woken for it.
+    pub(super) fn rate_refill(&self, st: &mut State, func: u32, due: u64) {
+        let Some(l) = st
+            .functions
+            .get_mut(func as usize)
+            .and_then(|f| f.limits.as_deref_mut())
+        else {
+            return;
+        };
+        if l.refill_due != Some(due) {
+            // A later refusal asked for an earlier refill, or the function was replaced.
+            return;
+        }
+        l.refill_due = None;
+        self.wake(st, func, 1);
+    }
+
+    /// Adds the refill timers a grab asked for.
+    pub(super) fn add_refill_timers(&self, st: &mut State, refills: &[(u32, u64)]) {
+        for &(func, due) in refills {
+            self.add_timer(st, due, Timer::RateRefill { func });
+        }
+    }
+
+    /// A running job of `func` ended (or went back to its queue): under `max_running`, a
+    /// sleeping worker may now take the next one.
+    pub(super) fn released(&self, st: &mut State, func: u32) {
+        let limited = st
+            .functions
+            .get(func as usize)
+            .and_then(|f| f.limits.as_ref())
+            .is_some_and(|l| l.max_running > 0);
+        if limited {
+            self.wake(st, func, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::tests::{can_do, connect, created, engine_with, grab, job, work, Pkt};
+    use super::super::EngineConfig;
+    use crate::codec::PacketType;
+    use crate::functions::FunctionSettings;
+    use crate::protocol::{Priority, WorkKind};
+
+    fn limited(name: &str, s: FunctionSettings) -> super::super::Engine {
+        let mut cfg = EngineConfig::default();
+        cfg.functions.insert(name.into(), s);
+        engine_with(cfg, None)
+    }
+
+    fn handle(p: &Option<Pkt>) -> Vec<u8> {
+        let p = p.as_ref().expect("a job");
+        assert_eq!(p.kind, PacketType::JOB_ASSIGN_UNIQ);
+        p.arg(0).to_vec()
+    }
+
+    /// NOOPs the engine sent to `w` since the last call.
+    fn noops(w: &mut super::super::tests::Peer) -> usize {
+        w.received()
+            .iter()
+            .filter(|p| p.kind == PacketType::NOOP)
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_spaces_job_starts_keeps_fifo_and_wakes_sleepers_when_a_token_is_due() {
+        let e = limited(
+            "resize",
+            FunctionSettings {
+                rate: Some(10.0),
+                burst: Some(2),
+                ..Default::default()
+            },
+        );
+        let c = connect(&e);
+        let mut w = connect(&e);
+        can_do(&e, &w, "resize", None);
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                created(
+                    &e,
+                    &c,
+                    job("resize", &format!("u{i}"), "x", Priority::Normal, true),
+                )
+            })
+            .collect();
+        // A burst of 2, then nothing until the next token (100 ms at 10/s).
+        assert_eq!(handle(&grab(&e, &w)), handles[0]);
+        assert_eq!(handle(&grab(&e, &w)), handles[1]);
+        assert!(grab(&e, &w).is_none(), "NO_JOB");
+        // Work is queued but held: PRE_SLEEP gets no immediate NOOP, the worker sleeps.
+        let mut out = bytes::BytesMut::new();
+        e.pre_sleep(w.id, &mut out);
+        assert!(out.is_empty(), "no NOOP while the rate holds the job");
+        noops(&mut w);
+        tokio::time::advance(Duration::from_millis(99)).await;
+        e.fire_timers();
+        assert_eq!(noops(&mut w), 0, "woken before the token is due");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        e.fire_timers();
+        assert_eq!(noops(&mut w), 1, "woken when the token is due");
+        assert_eq!(handle(&grab(&e, &w)), handles[2], "FIFO holds");
+        assert!(grab(&e, &w).is_none(), "NO_JOB");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(handle(&grab(&e, &w)), handles[3]);
+        // The third and fourth were each held 100 ms at the head (refused at 0 ms and 100 ms,
+        // taken at 100 ms and 200 ms); the first two were not held.
+        let st = e.lock();
+        let f = &st.functions[0];
+        let l = f.limits.as_ref().unwrap();
+        assert_eq!(l.waited().0, 4);
+        assert!((l.waited().1 - 0.2).abs() < 1e-6, "{:?}", l.waited());
+        assert_eq!(l.refusals(), (2, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_running_holds_the_next_job_until_one_ends_and_other_functions_run_meanwhile() {
+        let e = limited(
+            "mail",
+            FunctionSettings {
+                max_running: Some(2),
+                ..Default::default()
+            },
+        );
+        let c = connect(&e);
+        let workers: Vec<_> = (0..3).map(|_| connect(&e)).collect();
+        let mut third = connect(&e);
+        for w in workers.iter().chain([&third]) {
+            can_do(&e, w, "mail", None);
+        }
+        can_do(&e, &third, "other", None);
+        let mail: Vec<_> = (0..4)
+            .map(|i| {
+                created(
+                    &e,
+                    &c,
+                    job("mail", &format!("m{i}"), "x", Priority::High, true),
+                )
+            })
+            .collect();
+        let other = created(&e, &c, job("other", "o", "x", Priority::Low, true));
+        let h0 = handle(&grab(&e, &workers[0]));
+        assert_eq!(handle(&grab(&e, &workers[1])), mail[1]);
+        assert!(grab(&e, &workers[2]).is_none(), "NO_JOB");
+        // A worker of both functions gets the unlimited one's job, HIGH mail notwithstanding.
+        assert_eq!(handle(&grab(&e, &third)), other);
+        assert_eq!(e.function_stats()[0].running, 2);
+        let mut out = bytes::BytesMut::new();
+        e.pre_sleep(third.id, &mut out);
+        assert!(out.is_empty());
+        noops(&mut third);
+        // One ends: one sleeper is woken and the next job in order starts.
+        work(&e, &workers[0], WorkKind::Complete, &h0, b"done");
+        assert_eq!(noops(&mut third), 1);
+        assert_eq!(handle(&grab(&e, &third)), mail[2]);
+        assert!(grab(&e, &workers[0]).is_none(), "NO_JOB");
+        assert_eq!(mail[0], h0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_time_changes_apply_to_a_live_function_and_zero_lifts_a_limit() {
+        let e = limited("f", FunctionSettings::default());
+        let c = connect(&e);
+        let w = connect(&e);
+        can_do(&e, &w, "f", None);
+        let h: Vec<_> = (0..3)
+            .map(|i| {
+                created(
+                    &e,
+                    &c,
+                    job("f", &format!("{i}"), "x", Priority::Normal, true),
+                )
+            })
+            .collect();
+        let s = FunctionSettings {
+            max_running: Some(1),
+            ..Default::default()
+        };
+        e.set_function_settings("f", &s).unwrap();
+        assert_eq!(handle(&grab(&e, &w)), h[0]);
+        let mut w2 = connect(&e);
+        can_do(&e, &w2, "f", None);
+        assert!(grab(&e, &w2).is_none(), "NO_JOB");
+        let mut out = bytes::BytesMut::new();
+        e.pre_sleep(w2.id, &mut out);
+        assert!(out.is_empty());
+        let lift = FunctionSettings {
+            max_running: Some(0),
+            ..Default::default()
+        };
+        let now = e.set_function_settings("f", &lift).unwrap();
+        assert_eq!(now.max_running, 0);
+        assert_eq!(noops(&mut w2), 1, "a lifted limit wakes the sleepers");
+        assert_eq!(handle(&grab(&e, &w2)), h[1]);
+        assert_eq!(handle(&grab(&e, &w)), h[2]);
+        assert!(e.lock().functions[0].limits.is_none(), "no limits, no box");
+        assert_eq!(e.runtime_function_settings("f"), Some(lift));
+        let bad = FunctionSettings {
+            rate: Some(-2.0),
+            ..Default::default()
+        };
+        assert!(e.set_function_settings("f", &bad).is_err());
+    }
+}
