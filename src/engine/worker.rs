@@ -206,8 +206,12 @@ impl Engine {
             return;
         };
         let job = &mut st.jobs[slot as usize];
-        let f = &mut st.functions[job.func as usize];
+        let func = job.func;
+        let f = &mut st.functions[func as usize];
         f.running += 1;
+        // Jobs queued while a limit held them woke nobody: each start of a limited function
+        // passes the turn to one more sleeper (refused, it gets the refill timer).
+        let pass_on = f.limits.is_some() && f.total_queued() > 0;
         f.metrics
             .queued_seconds
             .observe(secs_between(job.since_ns, now));
@@ -226,6 +230,9 @@ impl Engine {
         }
         if !refills.is_empty() {
             self.add_refill_timers(st, &refills);
+        }
+        if pass_on {
+            self.wake(st, func, 1);
         }
     }
 
