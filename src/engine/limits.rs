@@ -31,8 +31,10 @@
 //! job held back, `limit` = `rate` or `max_running`) and `gearhouse_function_setting{function,
 //! setting}` (the settings in force).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -44,9 +46,10 @@ use prometheus::{
 use super::clock::{secs_between, Clock};
 use super::job::Function;
 use super::timers::Timer;
-use super::{Engine, State};
+use super::{send, ConnId, Engine, State};
 use crate::functions::FunctionSettings;
 use crate::metrics::LATENCY_BUCKETS;
+use crate::protocol::GrabKind;
 
 /// The engine clock as governor's time source: instants are durations since the engine started.
 #[derive(Debug, Clone, Copy)]
@@ -138,6 +141,8 @@ pub(super) struct Limits {
     next_token_ns: u64,
     /// Deadline of the pending refill timer, if one is pending.
     refill_due: Option<u64>,
+    /// Grabs waiting for the next token, oldest first (see [`PARK_MAX_NS`]).
+    parked: VecDeque<(ConnId, GrabKind)>,
     /// When the job now at the head of the function's queues was first held back.
     held_since_ns: Option<u64>,
     wait: Histogram,
@@ -159,6 +164,7 @@ impl Limits {
             max_running,
             next_token_ns: 0,
             refill_due: None,
+            parked: VecDeque::new(),
             held_since_ns: None,
             wait: m.wait.with_label_values(&[label]),
             refused_rate: m.refusals.with_label_values(&[label, "rate"]),
@@ -232,6 +238,13 @@ impl Limits {
     }
 }
 
+/// A grab refused only by a rate whose next token is at most this far off is parked: answered
+/// by the refill timer at the token's time instead of NO_JOB now. The token is then taken at
+/// the server's time, not when a woken worker's GRAB comes back (on a loaded machine tens of
+/// milliseconds later, lost from every interval); the worker waits at most this long, so its
+/// other functions are not kept from it.
+const PARK_MAX_NS: u64 = 25_000_000;
+
 /// Cells a job takes from its bucket (see the module doc: half-period tolerance).
 const CELLS_PER_JOB: std::num::NonZeroU32 = std::num::NonZeroU32::new(2).expect("non-zero");
 
@@ -255,6 +268,7 @@ pub(super) fn update(f: &mut Function, s: &FunctionSettings, clock: Clock, m: &L
     if let (Some(new), Some(old)) = (new.as_deref_mut(), f.limits.as_deref_mut()) {
         new.held_since_ns = old.held_since_ns;
         new.refill_due = old.refill_due;
+        new.parked = std::mem::take(&mut old.parked);
         if same_rate {
             new.bucket = old.bucket.take();
             new.next_token_ns = old.next_token_ns;
@@ -290,13 +304,75 @@ impl Engine {
             }
             return;
         }
-        self.wake(st, func, 2);
+        let parked = std::mem::take(&mut l.parked);
+        let served = !parked.is_empty();
+        for (conn, kind) in parked {
+            self.answer_parked(st, conn, kind);
+        }
+        if !served {
+            self.wake(st, func, 2);
+        }
     }
 
-    /// Adds the refill timers a grab asked for.
-    pub(super) fn add_refill_timers(&self, st: &mut State, refills: &[(u32, u64)]) {
-        for &(func, due) in refills {
-            self.add_timer(st, due, Timer::RateRefill { func });
+    /// Parks a grab that found nothing but a rate-limited job whose token is due within
+    /// [`PARK_MAX_NS`]; true when parked (nothing is answered now).
+    pub(super) fn park(
+        &self,
+        st: &mut State,
+        conn: ConnId,
+        kind: GrabKind,
+        now: u64,
+        refusals: &[(u32, u64, bool)],
+    ) -> bool {
+        let Some(&(func, due, _)) = refusals.iter().min_by_key(|r| r.1) else {
+            return false;
+        };
+        if due.saturating_sub(now) > PARK_MAX_NS {
+            return false;
+        }
+        let Some(l) = st
+            .functions
+            .get_mut(func as usize)
+            .and_then(|f| f.limits.as_deref_mut())
+        else {
+            return false;
+        };
+        // The refusal left a refill timer pending at or before `due`; it answers the grab.
+        l.parked.push_back((conn, kind));
+        if let Some(c) = st.conns.get_mut(&conn) {
+            c.parked = true;
+        }
+        true
+    }
+
+    /// Answers a parked grab (if its worker is still there and still waiting): the job, NO_JOB,
+    /// or parked again if another grab took the token.
+    fn answer_parked(&self, st: &mut State, conn: ConnId, kind: GrabKind) {
+        if !st.conns.get(&conn).is_some_and(|c| c.parked) {
+            return;
+        }
+        let mut out = BytesMut::new();
+        self.grab_locked(st, conn, kind, &mut out);
+        if out.is_empty() {
+            return;
+        }
+        if let Some(c) = st.conns.get(&conn) {
+            send(
+                c,
+                out.freeze(),
+                false,
+                &self.shared.metrics,
+                &mut st.deferred,
+            );
+        }
+    }
+
+    /// Adds the refill timers a grab's refusals asked for: (function, due, timer needed).
+    pub(super) fn add_refill_timers(&self, st: &mut State, refusals: &[(u32, u64, bool)]) {
+        for &(func, due, needed) in refusals {
+            if needed {
+                self.add_timer(st, due, Timer::RateRefill { func });
+            }
         }
     }
 
@@ -437,6 +513,58 @@ mod tests {
         e.fire_timers();
         assert_eq!(noops(&mut b), 1, "woken at 150 ms");
         assert_eq!(handle(&grab(&e, &b)), h[2]);
+    }
+
+    /// A grab refused by a rate whose token is due soon waits for it: the worker gets the job
+    /// at the token's time, without a NOOP/GRAB round trip.
+    #[tokio::test(start_paused = true)]
+    async fn a_grab_just_before_the_next_token_is_answered_when_it_comes() {
+        use crate::protocol::GrabKind;
+        let e = limited(
+            "f",
+            FunctionSettings {
+                rate: Some(50.0),
+                ..Default::default()
+            },
+        );
+        let c = connect(&e);
+        let a = connect(&e);
+        let mut b = connect(&e);
+        can_do(&e, &a, "f", None);
+        can_do(&e, &b, "f", None);
+        let h: Vec<_> = (0..3)
+            .map(|i| {
+                created(
+                    &e,
+                    &c,
+                    job("f", &format!("{i}"), "x", Priority::Normal, true),
+                )
+            })
+            .collect();
+        assert_eq!(handle(&grab(&e, &a)), h[0]);
+        b.received();
+        let mut out = bytes::BytesMut::new();
+        e.grab(b.id, GrabKind::Uniq, &mut out);
+        assert!(out.is_empty(), "parked, not NO_JOB");
+        tokio::time::advance(Duration::from_millis(9)).await;
+        e.fire_timers();
+        assert!(b.received().is_empty(), "not before the token");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        e.fire_timers();
+        let got = b.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].kind, PacketType::JOB_ASSIGN_UNIQ);
+        assert_eq!(got[0].arg(0), &h[1][..]);
+        // One period after that start, the next: a grabs now (10 ms) and waits 20 ms.
+        let mut out = bytes::BytesMut::new();
+        e.grab(a.id, GrabKind::Uniq, &mut out);
+        assert!(out.is_empty());
+        let mut a = a;
+        tokio::time::advance(Duration::from_millis(20)).await;
+        e.fire_timers();
+        let got = a.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].arg(0), &h[2][..]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -153,6 +153,8 @@ struct Conn {
     abilities: Vec<Ability>,
     sleeping: bool,
     sleep_gen: u32,
+    /// Its last grab is parked until a rate-limited function's next token (see `limits`).
+    parked: bool,
     /// Jobs this worker holds: (slot, seq).
     holding: Vec<(u32, u64)>,
     /// Foreground jobs this client waits on: (slot, seq).
@@ -482,6 +484,7 @@ impl Engine {
                 abilities: Vec::new(),
                 sleeping: false,
                 sleep_gen: 0,
+                parked: false,
                 holding: Vec::new(),
                 waiting: Vec::new(),
                 exceptions: self.shared.cfg.exceptions,

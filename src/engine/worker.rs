@@ -191,17 +191,31 @@ impl Engine {
     /// Handles GRAB_JOB, GRAB_JOB_UNIQ and GRAB_JOB_ALL.
     pub fn grab(&self, conn: ConnId, kind: GrabKind, out: &mut BytesMut) {
         let mut st = self.lock();
-        let st = &mut *st;
+        self.grab_locked(&mut st, conn, kind, out);
+    }
+
+    /// A grab, under the lock: the assignment or NO_JOB in `out`, or nothing when the grab is
+    /// parked until a rate-limited function's token comes (answered then by the refill timer).
+    pub(super) fn grab_locked(
+        &self,
+        st: &mut State,
+        conn: ConnId,
+        kind: GrabKind,
+        out: &mut BytesMut,
+    ) {
         let now = self.now_ns();
         let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
         c.sleeping = false;
+        c.parked = false;
         let fenced = self.is_fenced();
         let mut refills = Vec::new();
         let next = pop_next_job(c, &mut st.functions, &st.jobs, fenced, now, &mut refills);
         let Some((slot, timeout_ms)) = next else {
-            put_response(out, PacketType::NO_JOB, &[]);
+            if !self.park(st, conn, kind, now, &refills) {
+                put_response(out, PacketType::NO_JOB, &[]);
+            }
             self.add_refill_timers(st, &refills);
             return;
         };
@@ -504,7 +518,8 @@ fn is_held(f: &Function, now: u64) -> bool {
 
 /// Takes the next live job for a worker off its functions' queues: highest priority first,
 /// starting from a function that rotates with each grab, skipping functions held back by their
-/// limits (their refill deadlines go to `refills` as (function, clock reading)). Returns the
+/// limits (their rate refusals go to `refills` as (function, due clock reading, whether a refill
+/// timer must be added)). Returns the
 /// job's slot and the worker's CAN_DO_TIMEOUT for its function.
 fn pop_next_job(
     c: &mut Conn,
@@ -512,7 +527,7 @@ fn pop_next_job(
     jobs: &Slab<Job>,
     fenced: bool,
     now: u64,
-    refills: &mut Vec<(u32, u64)>,
+    refills: &mut Vec<(u32, u64, bool)>,
 ) -> Option<(u32, Option<u32>)> {
     let n = c.abilities.len();
     let start = c.rotate;
@@ -555,9 +570,7 @@ fn pop_next_job(
                             if first {
                                 l.held(now, super::limits::Hold::Rate);
                             }
-                            if l.wants_refill_at(due) {
-                                refills.push((a.func, due));
-                            }
+                            refills.push((a.func, due, l.wants_refill_at(due)));
                             break;
                         }
                     }
