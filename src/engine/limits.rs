@@ -304,10 +304,22 @@ impl Engine {
             }
             return;
         }
-        let parked = std::mem::take(&mut l.parked);
+        // Parked grabs in order, until one is refused again (the token went to an earlier one):
+        // that refusal sets the next timer, and the rest keep their place.
+        let mut parked = std::mem::take(&mut l.parked);
         let served = !parked.is_empty();
-        for (conn, kind) in parked {
-            self.answer_parked(st, conn, kind);
+        while let Some((conn, kind)) = parked.pop_front() {
+            if self.answer_parked(st, conn, kind) {
+                break;
+            }
+        }
+        if let Some(l) = st
+            .functions
+            .get_mut(func as usize)
+            .and_then(|f| f.limits.as_deref_mut())
+        {
+            parked.extend(l.parked.drain(..));
+            l.parked = parked;
         }
         if !served {
             self.wake(st, func, 2);
@@ -346,25 +358,27 @@ impl Engine {
     }
 
     /// Answers a parked grab (if its worker is still there and still waiting): the job, NO_JOB,
-    /// or parked again if another grab took the token.
-    fn answer_parked(&self, st: &mut State, conn: ConnId, kind: GrabKind) {
+    /// or parked again if another grab took the token. True when parked again.
+    fn answer_parked(&self, st: &mut State, conn: ConnId, kind: GrabKind) -> bool {
         if !st.conns.get(&conn).is_some_and(|c| c.parked) {
-            return;
+            return false;
         }
         let mut out = BytesMut::new();
         self.grab_locked(st, conn, kind, &mut out);
+        let Some(c) = st.conns.get(&conn) else {
+            return false;
+        };
         if out.is_empty() {
-            return;
+            return c.parked;
         }
-        if let Some(c) = st.conns.get(&conn) {
-            send(
-                c,
-                out.freeze(),
-                false,
-                &self.shared.metrics,
-                &mut st.deferred,
-            );
-        }
+        send(
+            c,
+            out.freeze(),
+            false,
+            &self.shared.metrics,
+            &mut st.deferred,
+        );
+        false
     }
 
     /// Adds the refill timers a grab's refusals asked for: (function, due, timer needed).

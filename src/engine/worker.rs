@@ -246,7 +246,8 @@ impl Engine {
             self.add_refill_timers(st, &refills);
         }
         if pass_on {
-            self.wake(st, func, 1);
+            // Two: a woken worker whose grab comes early is parked for the next token.
+            self.wake(st, func, 2);
         }
     }
 
