@@ -6,7 +6,14 @@
 //! queue (FIFO holds), the worker gets NO_JOB for it (other functions are still served), and the
 //! sleeping workers are woken with NOOP when the limit allows the next job: by a
 //! [`Timer::RateRefill`](super::timers::Timer) at the moment the bucket has a token again (no
-//! polling), or by a running job of the function ending.
+//! polling), or by a running job of the function ending. Each start of a limited function wakes
+//! two more sleepers, since jobs queued while a limit held them woke nobody.
+//!
+//! A grab refused only by a rate whose token is due within [`PARK_MAX_NS`] is parked instead of
+//! answered NO_JOB: the refill timer answers it with the job (through the worker's outbound
+//! channel) when the token comes. Measured on a loaded 2-core machine (load 15), 200 jobs at
+//! `rate = 50, burst = 1` took 5 to 6 s when every token waited for a woken worker's GRAB, and
+//! 4.01 s with parking (tests/limits.rs).
 //!
 //! The bucket is the `governor` crate's GCRA limiter (a token bucket measured in arrival times:
 //! one atomic word, no refill task), read on the engine's [`Clock`] so tests that pause tokio's
