@@ -196,6 +196,15 @@ timeseries("Queue wait p99 by function", "Submit (or requeue) to assignment, 99t
 timeseries("Run time quantiles", "Assignment to the worker's final result", quantiles("gearhouse_job_running_seconds"), unit="s", w=12)
 timeseries("Run time p99 by function", "Assignment to final result, 99th percentile", quantiles("gearhouse_job_running_seconds", by="function"), unit="s", w=12)
 
+# ---- Per-function limits (rate, max_running)
+row("Per-function limits")
+timeseries("Held by limits (mean wait)", "Mean time a job of a limited function spent at the head of its queue held by its rate or max_running (gearhouse_job_limit_wait_seconds)",
+           [(f"sum by (function) (rate(gearhouse_job_limit_wait_seconds_sum{{{F}}}[{R}])) / sum by (function) (rate(gearhouse_job_limit_wait_seconds_count{{{F}}}[{R}]))", "{{function}}")], unit="s", w=8)
+timeseries("Grabs refused by limits", "Worker grabs that found a function's next job held back, by limit (gearhouse_job_limit_refusals_total)",
+           [(f"sum by (function, limit) (rate(gearhouse_job_limit_refusals_total{{{F}}}[{R}]))", "{{function}} {{limit}}")], unit="reqps", w=8)
+timeseries("Configured rate and max_running", "Per-function settings in force (gearhouse_function_setting; 0 = unlimited)",
+           [(f"max by (function, setting) (gearhouse_function_setting{{{F}, setting=~\"rate|max_running\"}})", "{{function}} {{setting}}")], w=8)
+
 # ---- Workers and connections
 row("Workers and connections")
 timeseries("Workers per function", "Workers that registered the function (gearman_workers)",

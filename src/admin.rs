@@ -170,6 +170,16 @@ pub fn execute(
             (name, ok, AfterAdmin::Continue)
         }
         ("maxqueue", _) => maxqueue(engine, &words, from, out),
+        ("limit", _) if from.refuses("limit", out) => ("limit", false, AfterAdmin::Continue),
+        ("limit", _) => {
+            let _span = from.span("limit").entered();
+            let ok = crate::functions::admin::limit(engine, &words, out);
+            ("limit", ok, AfterAdmin::Continue)
+        }
+        ("show", "limits") => {
+            let ok = crate::functions::admin::show_limits(engine, out);
+            ("show limits", ok, AfterAdmin::Continue)
+        }
         ("cancel", "job") => cancel_job(engine, &words, from, out),
         ("create", "function") => {
             function_command(engine, FunctionCommand::Create, &words, from, out)

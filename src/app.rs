@@ -72,10 +72,16 @@ pub async fn run_listeners(
             "queue is in memory only (no persistence.memcached configured): jobs do not survive a restart"
         );
     }
+    let functions_api = http::functions::FunctionsApi::new(
+        parts.engine.clone(),
+        parts.settings.clone(),
+        cfg.server_config().admin_networks.clone(),
+    );
     let http_task = tokio::spawn(http::serve(
         http_listener,
         parts.engine.clone(),
         parts.health.clone(),
+        http::functions::routes(functions_api),
         // Metrics and health stay up while a graceful stop drains.
         stop.now.clone(),
     ));
@@ -90,7 +96,12 @@ pub async fn run_listeners(
             };
         }
     }
-    // After recovery, so its first submits (runs missed while down) find the queue restored.
+    if let Some(s) = &parts.settings {
+        // Run-time settings over the config file's, once the queue (and its functions) is back.
+        s.restore(&parts.engine).await;
+        s.start(&parts.engine, stop.now.clone());
+    }
+        // After recovery, so its first submits (runs missed while down) find the queue restored.
     let _scheduler =
         crate::schedule::Scheduler::start(&cfg, &parts.engine, stop.drain.clone()).await;
     serve(&cfg, &parts, gearman, plain, stop).await?;
@@ -103,6 +114,8 @@ struct Parts {
     engine: Engine,
     health: Arc<Health>,
     persistence: Option<crate::persist::Persistence>,
+    /// Run-time per-function settings kept in memcached (with persistence only).
+    settings: Option<crate::functions::persist::SettingsMirror>,
     tracer: Option<Arc<crate::telemetry::JobTracer>>,
     /// TLS of the Gearman listener, when `server.tls_cert` is set.
     tls: Option<Arc<crate::tls::Tls>>,
@@ -139,10 +152,14 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
     let mirror = persistence.as_ref().map(|p| p.mirror());
     let mirror = crate::telemetry::traced_mirror(mirror, &tracer);
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
+    let settings = persistence
+        .as_ref()
+        .map(|p| crate::functions::persist::SettingsMirror::new(&p.settings));
     Ok(Parts {
         engine,
         health: Arc::new(Health::default()),
         persistence,
+        settings,
         tracer,
         tls,
     })

@@ -370,6 +370,12 @@ impl Config {
         if self.tracing.max_queue == 0 {
             return bad("tracing.max_queue", "must be at least 1");
         }
+        for (name, s) in &self.functions {
+            s.validate(name).map_err(|e| ConfigError::Invalid {
+                key: "functions",
+                why: e.to_string(),
+            })?;
+        }
         let limits = self.server_config().limits;
         let mut ids = std::collections::HashSet::new();
         for (i, s) in self.schedules.iter().enumerate() {

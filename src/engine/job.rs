@@ -11,6 +11,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use bytes::Bytes;
 
+use super::limits::Limits;
 use super::ConnId;
 use crate::metrics::FunctionMetrics;
 use crate::protocol::Priority;
@@ -157,6 +158,8 @@ pub(super) struct Function {
     /// Workers that said PRE_SLEEP, with the sleep generation they said it in.
     pub(super) sleepers: Vec<(ConnId, u32)>,
     pub(super) metrics: FunctionMetrics,
+    /// Rate and concurrency limits; `None` (the common case) costs the grab path one check.
+    pub(super) limits: Option<Box<Limits>>,
 }
 
 impl Function {
@@ -173,10 +176,12 @@ impl Function {
             dead_letter: false,
             sleepers: Vec::new(),
             metrics,
+            limits: None,
         }
     }
 
-    /// Takes the configured settings this struct holds (the rest are read where they act).
+    /// Takes the queue limit, cache and dead-letter settings (the limits are installed by
+    /// `limits::update`).
     pub(super) fn apply(&mut self, s: &crate::functions::FunctionSettings) {
         if let Some(n) = s.max_queue {
             self.max_queue = Some([n; 3]);

@@ -13,7 +13,9 @@
 //! - [`clock`]: the one clock (tokio's, so tests pause it) for timings, timers and epochs.
 //! - [`submit`]: SUBMIT_JOB*, coalescing on unique ids, and the mirror's write acknowledgements.
 //! - [`worker`]: CAN_DO, PRE_SLEEP, wake-ups, GRAB_JOB*, WORK_*, requeue and job removal.
-//! - [`timers`]: epoch jobs and CAN_DO_TIMEOUT, and the task that fires them.
+//! - [`timers`]: epoch jobs, CAN_DO_TIMEOUT and rate-limit refills, and the task that fires them.
+//! - [`settings`]: per-function settings in force (config file, run-time changes) and their views.
+//! - [`limits`]: per-function rate and concurrency limits on the grab path.
 //! - [`restore`]: putting recovered jobs back, and the records the mirror re-reads.
 //! - [`snapshots`]: GET_STATUS, the admin and metrics views, and the admin mutations.
 //! - [`pages`]: large admin listings a page (a bounded walk under the lock) at a time.
@@ -23,9 +25,11 @@
 
 mod clock;
 mod job;
+mod limits;
 mod pages;
 mod restore;
 mod seams;
+mod settings;
 mod snapshots;
 mod submit;
 #[cfg(test)]
@@ -60,8 +64,9 @@ use timers::Timer;
 pub use pages::{Page, PAGE_SLOTS};
 pub use seams::{
     EndedJob, JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, OutcomeSink,
-    PeerInfo,
+    PeerInfo, SettingsSink,
 };
+pub use settings::{FunctionSettingsInfo, LimitStats, MaxQueue, SettingsView};
 pub use snapshots::{ConnInfo, FunctionStat, JobInfo, Totals};
 pub use submit::SubmitOutcome;
 
@@ -118,6 +123,9 @@ struct Shared {
     observer: Option<Arc<dyn JobObserver>>,
     /// The result cache and dead-letter store, once the server has built them.
     outcomes: OnceLock<Arc<dyn OutcomeSink>>,
+    /// Where run-time settings changes are reported (their memcached mirror), once built.
+    settings_sink: OnceLock<Arc<dyn SettingsSink>>,
+    limit_metrics: limits::LimitMetrics,
     /// Set while this server cannot renew its lease in memcached: its durable jobs are not
     /// handed out, since a peer may be taking them over.
     fenced: AtomicBool,
@@ -148,6 +156,8 @@ struct Conn {
     abilities: Vec<Ability>,
     sleeping: bool,
     sleep_gen: u32,
+    /// Its last grab is parked until a rate-limited function's next token (see `limits`).
+    parked: bool,
     /// Jobs this worker holds: (slot, seq).
     holding: Vec<(u32, u64)>,
     /// Foreground jobs this client waits on: (slot, seq).
@@ -170,6 +180,8 @@ struct State {
     next_conn: ConnId,
     next_seq: u64,
     timers: BinaryHeap<Reverse<(u64, Timer)>>,
+    /// Settings changed at run time, by function name (kept when a function is dropped).
+    runtime_settings: std::collections::BTreeMap<String, crate::functions::FunctionSettings>,
     /// Log lines to write once the lock is released (empty, and unallocated, nearly always).
     deferred: Vec<Deferred>,
 }
@@ -356,6 +368,7 @@ impl Engine {
         observer: Option<Arc<dyn JobObserver>>,
     ) -> Self {
         let handle_prefix = Bytes::from(format!("H:{}:", cfg.node_id));
+        let limit_metrics = limits::LimitMetrics::new(&metrics.registry);
         Engine {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -369,6 +382,7 @@ impl Engine {
                     next_conn: 1,
                     next_seq: 1,
                     timers: BinaryHeap::new(),
+                    runtime_settings: Default::default(),
                     deferred: Vec::new(),
                 }),
                 cfg,
@@ -379,6 +393,8 @@ impl Engine {
                 mirror,
                 observer,
                 outcomes: OnceLock::new(),
+                settings_sink: OnceLock::new(),
+                limit_metrics,
                 fenced: AtomicBool::new(false),
             }),
         }
@@ -393,6 +409,12 @@ impl Engine {
     /// call counts: it is set once at start-up.
     pub fn set_outcome_sink(&self, sink: Arc<dyn OutcomeSink>) {
         let _ = self.shared.outcomes.set(sink);
+    }
+
+    /// Sets where run-time changes of per-function settings are reported (their memcached
+    /// mirror). Only the first call counts.
+    pub fn set_settings_sink(&self, sink: Arc<dyn SettingsSink>) {
+        let _ = self.shared.settings_sink.set(sink);
     }
 
     /// Fences (true) or unfences this server's durable jobs: while fenced, workers are not
@@ -469,6 +491,7 @@ impl Engine {
                 abilities: Vec::new(),
                 sleeping: false,
                 sleep_gen: 0,
+                parked: false,
                 holding: Vec::new(),
                 waiting: Vec::new(),
                 exceptions: self.shared.cfg.exceptions,

@@ -120,6 +120,15 @@ pub trait OutcomeSink: Send + Sync + 'static {
     fn ended(&self, job: &EndedJob<'_>);
 }
 
+/// The seam to where run-time settings changes are kept (their memcached mirror). Called after
+/// the engine lock is released; implementations read the new values with
+/// [`Engine::runtime_function_settings`](super::Engine::runtime_function_settings) and must not
+/// block (hand the write to a task).
+pub trait SettingsSink: Send + Sync + 'static {
+    /// The run-time settings of `function` changed.
+    fn changed(&self, function: &str);
+}
+
 /// Follows each job through its life (the tracing layer implements it). Called with the engine
 /// lock held: implementations must only record and hand work to a task, never block.
 pub trait JobObserver: Send + Sync + 'static {

@@ -24,6 +24,8 @@ pub struct FunctionStat {
     pub running: u32,
     pub scheduled: u32,
     pub workers: u32,
+    /// The settings in force (limits, queue limit, cache, dead letters).
+    pub settings: super::SettingsView,
 }
 
 /// A snapshot of one connection for the `workers` admin command.
@@ -103,6 +105,7 @@ impl Engine {
                 running: f.running,
                 scheduled: f.scheduled,
                 workers: f.workers,
+                settings: self.view_of(f),
             })
             .collect();
         v.sort_by(|a, b| a.name_bytes.cmp(&b.name_bytes));
@@ -175,10 +178,18 @@ impl Engine {
     }
 
     /// `maxqueue`: sets per-priority limits for a function (creating it if needed).
+    /// Uniform limits are recorded as the function's `max_queue` setting (kept across
+    /// restarts with the other run-time settings).
     pub fn set_max_queue(&self, function: &Bytes, limits: [u32; 3]) -> Result<(), ProtocolError> {
-        let mut st = self.lock();
-        let id = self.function_id(&mut st, function)?;
-        st.functions[id as usize].max_queue = Some(limits);
+        let recorded = {
+            let mut st = self.lock();
+            let id = self.function_id(&mut st, function)?;
+            st.functions[id as usize].max_queue = Some(limits);
+            self.record_max_queue(&mut st, id, limits)
+        };
+        if recorded {
+            self.settings_changed(&String::from_utf8_lossy(function));
+        }
         Ok(())
     }
 

@@ -276,11 +276,8 @@ impl Engine {
         }
         let metrics = self.shared.metrics.for_function(name);
         let mut f = Function::new(name.clone(), metrics);
-        if let Some(s) = std::str::from_utf8(name)
-            .ok()
-            .and_then(|n| self.shared.cfg.functions.get(n))
-        {
-            f.apply(s);
+        if let Some(s) = self.initial_settings(st, name) {
+            self.configure(&mut f, &s);
         }
         let id = st.functions.insert(f) as u32;
         st.function_ids.insert(name.clone(), id);

@@ -31,13 +31,13 @@ fn job_struct_stays_small() {
 
 /// A response packet: its type and its arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Pkt {
-    kind: PacketType,
+pub(super) struct Pkt {
+    pub(super) kind: PacketType,
     args: Vec<Bytes>,
 }
 
 impl Pkt {
-    fn arg(&self, i: usize) -> &[u8] {
+    pub(super) fn arg(&self, i: usize) -> &[u8] {
         &self.args[i]
     }
 }
@@ -78,15 +78,15 @@ fn parse(buf: &[u8]) -> Vec<Pkt> {
 }
 
 /// One fake connection: what the engine answers in `out`, and what it sends through `rx`.
-struct Peer {
-    id: ConnId,
+pub(super) struct Peer {
+    pub(super) id: ConnId,
     rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
 }
 
 impl Peer {
     /// Server-initiated packets received so far.
-    fn received(&mut self) -> Vec<Pkt> {
+    pub(super) fn received(&mut self) -> Vec<Pkt> {
         let mut v = Vec::new();
         while let Ok(b) = self.rx.try_recv() {
             v.extend(parse(&b));
@@ -95,7 +95,7 @@ impl Peer {
     }
 }
 
-fn engine_with(cfg: EngineConfig, mirror: Option<Arc<dyn Mirror>>) -> Engine {
+pub(super) fn engine_with(cfg: EngineConfig, mirror: Option<Arc<dyn Mirror>>) -> Engine {
     Engine::new(cfg, Arc::new(Metrics::new(100)), mirror, None)
 }
 
@@ -110,11 +110,17 @@ fn connect_with_queue(e: &Engine, queue: usize) -> Peer {
     Peer { id, rx, kill }
 }
 
-fn connect(e: &Engine) -> Peer {
+pub(super) fn connect(e: &Engine) -> Peer {
     connect_with_queue(e, 64)
 }
 
-fn job(func: &str, unique: &str, data: &str, priority: Priority, background: bool) -> Submit {
+pub(super) fn job(
+    func: &str,
+    unique: &str,
+    data: &str,
+    priority: Priority,
+    background: bool,
+) -> Submit {
     Submit {
         function: Bytes::copy_from_slice(func.as_bytes()),
         unique: Bytes::copy_from_slice(unique.as_bytes()),
@@ -134,7 +140,7 @@ fn submit(e: &Engine, c: &Peer, s: Submit) -> (SubmitOutcome, Vec<Pkt>) {
 }
 
 /// Submits a job that must be created at once; returns its handle.
-fn created(e: &Engine, c: &Peer, s: Submit) -> Bytes {
+pub(super) fn created(e: &Engine, c: &Peer, s: Submit) -> Bytes {
     let (outcome, pkts) = submit(e, c, s);
     assert_eq!(outcome, SubmitOutcome::Created, "{pkts:?}");
     assert_eq!(pkts.len(), 1);
@@ -142,13 +148,13 @@ fn created(e: &Engine, c: &Peer, s: Submit) -> Bytes {
     pkts[0].args[0].clone()
 }
 
-fn can_do(e: &Engine, w: &Peer, func: &str, timeout_ms: Option<u32>) {
+pub(super) fn can_do(e: &Engine, w: &Peer, func: &str, timeout_ms: Option<u32>) {
     e.can_do(w.id, &Bytes::copy_from_slice(func.as_bytes()), timeout_ms)
         .unwrap();
 }
 
 /// GRAB_JOB_UNIQ: the assignment (handle, function, unique, data), or None for NO_JOB.
-fn grab(e: &Engine, w: &Peer) -> Option<Pkt> {
+pub(super) fn grab(e: &Engine, w: &Peer) -> Option<Pkt> {
     let mut out = BytesMut::new();
     e.grab(w.id, GrabKind::Uniq, &mut out);
     let mut pkts = parse(&out);
@@ -162,7 +168,7 @@ fn grab(e: &Engine, w: &Peer) -> Option<Pkt> {
 }
 
 /// Sends WORK_* for `handle` with `data`; returns what the worker got back.
-fn work(e: &Engine, w: &Peer, kind: WorkKind, handle: &[u8], data: &[u8]) -> Vec<Pkt> {
+pub(super) fn work(e: &Engine, w: &Peer, kind: WorkKind, handle: &[u8], data: &[u8]) -> Vec<Pkt> {
     let mut body = handle.to_vec();
     if kind != WorkKind::Fail {
         body.push(0);

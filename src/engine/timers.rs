@@ -1,4 +1,5 @@
-//! Deadlines: epoch jobs waiting for their unix time, and CAN_DO_TIMEOUT on a running attempt.
+//! Deadlines: epoch jobs waiting for their unix time, CAN_DO_TIMEOUT on a running attempt, and
+//! the moment a rate-limited function's bucket has a token again.
 //! They sit in one min-heap of (deadline, timer) on the engine [`clock`](super::clock); an
 //! entry whose job has since finished, moved on or been retried is recognised and skipped when
 //! it fires, so nothing is ever removed from the heap early. [`Engine::run_timers`] is the only
@@ -20,6 +21,8 @@ pub(super) enum Timer {
     EpochDue { slot: u32, seq: u64 },
     /// Attempt `attempt` of job `seq` passed its worker's CAN_DO_TIMEOUT.
     WorkTimeout { slot: u32, seq: u64, attempt: u32 },
+    /// The rate-limit bucket of function `func` has a token again: wake a sleeping worker.
+    RateRefill { func: u32 },
 }
 
 impl Engine {
@@ -53,6 +56,7 @@ impl Engine {
                 Timer::WorkTimeout { slot, seq, attempt } => {
                     self.work_timed_out(st, slot, seq, attempt, now)
                 }
+                Timer::RateRefill { func } => self.rate_refill(st, func, due),
             }
         }
     }
@@ -86,7 +90,8 @@ impl Engine {
         if let Some(c) = st.conns.get_mut(&worker) {
             c.holding.retain(|&(s, q)| !(s == slot && q == seq));
         }
-        let f = &mut st.functions[job.func as usize];
+        let func = job.func;
+        let f = &mut st.functions[func as usize];
         f.running = f.running.saturating_sub(1);
         f.metrics
             .running_seconds
@@ -105,6 +110,7 @@ impl Engine {
         // Still marked Running (its running count already released): remove_job leaves the
         // queue counters alone.
         self.remove_job(st, slot, JobOutcome::TimedOut);
+        self.released(st, func);
     }
 
     /// Runs the timer loop (epoch jobs, worker timeouts) until `shutdown`.

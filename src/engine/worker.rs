@@ -5,7 +5,8 @@
 //!
 //! Priority is per function, as in gearmand 1.1.x: a grab takes the highest priority that any
 //! of the worker's functions has queued, FIFO within it, starting from a rotating function so
-//! functions of one priority share workers.
+//! functions of one priority share workers. A function held back by its rate or concurrency
+//! limit ([`limits`](super::limits)) is skipped: "work is waiting" means waiting and allowed.
 
 use std::net::SocketAddr;
 
@@ -30,10 +31,11 @@ impl Engine {
         let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
+        let now = self.now_ns();
         let has_work = c.abilities.iter().any(|a| {
             st.functions
                 .get(a.func as usize)
-                .is_some_and(|f| f.total_queued() > 0)
+                .is_some_and(|f| f.total_queued() > 0 && !is_held(f, now))
         });
         if has_work {
             put_response(out, PacketType::NOOP, &[]);
@@ -65,7 +67,8 @@ impl Engine {
         let Some(f) = st.functions.get_mut(func as usize) else {
             return;
         };
-        if f.total_queued() == 0 {
+        if f.total_queued() == 0 || is_held(f, self.now_ns()) {
+            // Held by a limit: the refill timer or the end of a running job wakes them.
             return;
         }
         let mut woken = 0;
@@ -188,20 +191,41 @@ impl Engine {
     /// Handles GRAB_JOB, GRAB_JOB_UNIQ and GRAB_JOB_ALL.
     pub fn grab(&self, conn: ConnId, kind: GrabKind, out: &mut BytesMut) {
         let mut st = self.lock();
-        let st = &mut *st;
+        self.grab_locked(&mut st, conn, kind, out);
+    }
+
+    /// A grab, under the lock: the assignment or NO_JOB in `out`, or nothing when the grab is
+    /// parked until a rate-limited function's token comes (answered then by the refill timer).
+    pub(super) fn grab_locked(
+        &self,
+        st: &mut State,
+        conn: ConnId,
+        kind: GrabKind,
+        out: &mut BytesMut,
+    ) {
         let now = self.now_ns();
         let Some(c) = st.conns.get_mut(&conn) else {
             return;
         };
         c.sleeping = false;
+        c.parked = false;
         let fenced = self.is_fenced();
-        let Some((slot, timeout_ms)) = pop_next_job(c, &mut st.functions, &st.jobs, fenced) else {
-            put_response(out, PacketType::NO_JOB, &[]);
+        let mut refills = Vec::new();
+        let next = pop_next_job(c, &mut st.functions, &st.jobs, fenced, now, &mut refills);
+        let Some((slot, timeout_ms)) = next else {
+            if !self.park(st, conn, kind, now, &refills) {
+                put_response(out, PacketType::NO_JOB, &[]);
+            }
+            self.add_refill_timers(st, &refills);
             return;
         };
         let job = &mut st.jobs[slot as usize];
-        let f = &mut st.functions[job.func as usize];
+        let func = job.func;
+        let f = &mut st.functions[func as usize];
         f.running += 1;
+        // Jobs queued while a limit held them woke nobody: each start of a limited function
+        // passes the turn to one more sleeper (refused, it gets the refill timer).
+        let pass_on = f.limits.is_some() && f.total_queued() > 0;
         f.metrics
             .queued_seconds
             .observe(secs_between(job.since_ns, now));
@@ -217,6 +241,13 @@ impl Engine {
         if let Some(ms) = timeout_ms {
             let due = now + ms as u64 * 1_000_000;
             self.add_timer(st, due, Timer::WorkTimeout { slot, seq, attempt });
+        }
+        if !refills.is_empty() {
+            self.add_refill_timers(st, &refills);
+        }
+        if pass_on {
+            // Two: a woken worker whose grab comes early is parked for the next token.
+            self.wake(st, func, 2);
         }
     }
 
@@ -304,7 +335,8 @@ impl Engine {
     ) {
         let now = self.now_ns();
         let job = &st.jobs[slot as usize];
-        let f = &mut st.functions[job.func as usize];
+        let func = job.func;
+        let f = &mut st.functions[func as usize];
         f.running = f.running.saturating_sub(1);
         f.metrics
             .running_seconds
@@ -328,6 +360,7 @@ impl Engine {
         let worker = st.conns.get(&conn).map(|c| (c.peer, c.client_id.clone()));
         self.report_end(st, slot, outcome, result, &worker);
         self.remove_job(st, slot, outcome);
+        self.released(st, func);
     }
 
     /// Hands an ended job to the [`OutcomeSink`](super::OutcomeSink) (result cache, dead
@@ -433,8 +466,17 @@ impl Engine {
         if let Some(o) = &self.shared.observer {
             o.requeued(seq, why.as_str());
         }
-        let f = &mut st.functions[job.func as usize];
+        let func = job.func;
+        let f = &mut st.functions[func as usize];
         f.running = f.running.saturating_sub(1);
+        if f.limits.is_some() {
+            // Whatever follows (retry, drop), a slot under max_running is free.
+            self.released(st, func);
+        }
+        let Some(job) = st.jobs.get_mut(slot as usize) else {
+            return;
+        };
+        let f = &mut st.functions[func as usize];
         let retries = self.shared.cfg.job_retries;
         if retries > 0 && job.attempts >= retries {
             let attempts = job.attempts;
@@ -468,14 +510,25 @@ impl Engine {
     }
 }
 
+/// True while a limit holds the function's next job back (known without taking a token).
+fn is_held(f: &Function, now: u64) -> bool {
+    f.limits
+        .as_ref()
+        .is_some_and(|l| l.holds(f.running, now).is_some())
+}
+
 /// Takes the next live job for a worker off its functions' queues: highest priority first,
-/// starting from a function that rotates with each grab. Returns the job's slot and the
-/// worker's CAN_DO_TIMEOUT for its function.
+/// starting from a function that rotates with each grab, skipping functions held back by their
+/// limits (their rate refusals go to `refills` as (function, due clock reading, whether a refill
+/// timer must be added)). Returns the
+/// job's slot and the worker's CAN_DO_TIMEOUT for its function.
 fn pop_next_job(
     c: &mut Conn,
     functions: &mut Slab<Function>,
     jobs: &Slab<Job>,
     fenced: bool,
+    now: u64,
+    refills: &mut Vec<(u32, u64, bool)>,
 ) -> Option<(u32, Option<u32>)> {
     let n = c.abilities.len();
     let start = c.rotate;
@@ -489,6 +542,16 @@ fn pop_next_job(
             if f.queued[p as usize] == 0 {
                 continue;
             }
+            // One refusal per grab and function, at its highest queued priority.
+            let first = f.queued[..p as usize].iter().all(|&q| q == 0);
+            if let Some(l) = f.limits.as_deref_mut() {
+                if let Some(why) = l.holds(f.running, now) {
+                    if first {
+                        l.held(now, why);
+                    }
+                    continue;
+                }
+            }
             // Entries of cancelled jobs (or of reused slots) are skipped and dropped here.
             while let Some(r) = f.queues[p as usize].pop_front() {
                 let job = jobs.get(r.slot as usize).filter(|j| {
@@ -501,6 +564,17 @@ fn pop_next_job(
                     break;
                 }
                 if job.is_some() {
+                    if let Some(l) = f.limits.as_deref_mut() {
+                        if let Err(due) = l.try_start(now) {
+                            // The bucket is empty: the job keeps its place at the head.
+                            f.queues[p as usize].push_front(r);
+                            if first {
+                                l.held(now, super::limits::Hold::Rate);
+                            }
+                            refills.push((a.func, due, l.wants_refill_at(due)));
+                            break;
+                        }
+                    }
                     f.queued[p as usize] -= 1;
                     return Some((r.slot, a.timeout_ms));
                 }

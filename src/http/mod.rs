@@ -1,7 +1,9 @@
 //! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
-//! protocol, which also feeds the status page at `/` ([`page`]).
+//! protocol, which also feeds the status page at `/` ([`page`]). [`functions`]: per-function
+//! settings (`/api/v1/functions/{name}`).
 
+pub mod functions;
 mod page;
 
 use std::collections::BTreeMap;
@@ -72,18 +74,22 @@ pub fn router(engine: Engine, health: Arc<Health>) -> Router {
         .merge(schedules::routes(engine))
 }
 
-/// Serves the HTTP routes on an already-bound listener until `shutdown`.
+/// Serves the HTTP routes and `more` (the functions API) on an already-bound listener until
+/// `shutdown`. Handlers see the peer address (`ConnectInfo`) for `server.admin_networks`.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     health: Arc<Health>,
+    more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The peer address: schedule changes are accepted only from server.admin_networks.
-    let app = router(engine, health).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(engine, health).merge(more);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// Copies the engine's current state into the scrape-time gauges.
@@ -174,6 +180,7 @@ fn status_json(s: &AppState) -> serde_json::Value {
                 "scheduled": f.scheduled,
                 "workers": f.workers,
                 "counts": counts.of(&f.label),
+                "settings": f.settings,
             })
         })
         .collect();
