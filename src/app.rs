@@ -58,6 +58,7 @@ pub async fn run_with(
         http_listener,
         parts.engine.clone(),
         parts.health.clone(),
+        http::jobs::Settings::from_config(&cfg),
         // Metrics and health stay up while a graceful stop drains.
         stop.now.clone(),
     ));

@@ -1,6 +1,12 @@
 //! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
-//! protocol.
+//! protocol. Job submission (`/jobs/...`, gearmand's `/{function}` paths) lives in `jobs.rs`
+//! and `gearmand.rs`.
+
+pub mod access;
+pub mod gearmand;
+pub mod job_metrics;
+pub mod jobs;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,25 +60,33 @@ struct AppState {
 }
 
 /// The HTTP routes.
-pub fn router(engine: Engine, health: Arc<Health>) -> Router {
+pub fn router(engine: Engine, health: Arc<Health>, jobs: jobs::Settings) -> Router {
+    let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .with_state(AppState { engine, health })
+        .merge(jobs::routes(submission))
 }
 
-/// Serves the HTTP routes on an already-bound listener until `shutdown`.
+/// Serves the HTTP routes on an already-bound listener until `shutdown`. Handlers see the
+/// peer's address (`ConnectInfo`): job submission is allowed by network or token.
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     health: Arc<Health>,
+    jobs: jobs::Settings,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine, health))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(engine, health, jobs);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 /// Copies the engine's current state into the scrape-time gauges.
