@@ -39,7 +39,7 @@ impl Route {
     fn statuses(self) -> &'static [u16] {
         match self {
             Route::Submit => &[200, 202, 400, 401, 413, 429, 499, 500, 502, 503, 504, 507],
-            Route::Status => &[200, 401, 499, 503],
+            Route::Status => &[200, 401, 499],
             Route::Gearmand => &[200, 400, 401, 404, 413, 429, 499, 500, 503, 504, 507],
         }
     }
