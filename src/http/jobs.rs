@@ -69,6 +69,7 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The settings a configuration gives.
     pub fn from_config(cfg: &Config) -> Settings {
         let s = cfg.server_config();
         Settings {
@@ -282,7 +283,7 @@ impl Jobs {
         });
         Jobs {
             inner: Arc::new(Inner {
-                slots: Semaphore::new(settings.max_concurrent_jobs),
+                slots: Semaphore::new(settings.max_concurrent_jobs.min(Semaphore::MAX_PERMITS)),
                 engine,
                 health,
                 settings,
@@ -291,6 +292,7 @@ impl Jobs {
         }
     }
 
+    /// The settings it was built with.
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
     }
