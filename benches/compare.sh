@@ -6,37 +6,42 @@
 #   QUICK=1 benches/compare.sh          # scaled-down job counts, one run
 #   benches/compare.sh --persistence    # + gearhouse/memcached (3 nodes, replicas=2) vs gearmand -q libmemcached
 #   benches/compare.sh --tracing        # + gearhouse untraced vs default traces vs every job traced
+#   benches/compare.sh --http           # + HTTP job submission vs the Gearman protocol, same server
 #   benches/compare.sh --all            # everything
 #
 # Environment: QUICK=1, RUNS (default 3), BG_JOBS, FG_JOBS, SUBMIT_JOBS, SEGMENT, LG_THREADS
-# (load generator runtime threads, 0 = single-threaded, the default), GH_ENV (extra VAR=value
-# settings for every gearhouse started, e.g. "TOKIO_WORKER_THREADS=1"), OUT (results directory).
-# Every server is started fresh for every scenario run, on free loopback ports, and stopped after.
+# (load generator runtime threads, 0 = single-threaded, the default), HTTP_SUBMIT_JOBS (--http's
+# background submits per protocol), GH_ENV (extra VAR=value settings for every gearhouse
+# started, e.g. "TOKIO_WORKER_THREADS=1"), OUT (results directory). `--only-extra` skips the
+# main scenarios. Every server is started fresh for every scenario run (--http: for every run
+# of its side-by-side), on free loopback ports, and stopped after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 PERSIST=${PERSIST:-0}
 TRACING=${TRACING:-0}
+HTTP=${HTTP:-0}
 MAIN=1
 for a in "$@"; do
     case "$a" in
         --quick) QUICK=1 ;;
         --persistence) PERSIST=1 ;;
         --tracing) TRACING=1 ;;
-        --all) PERSIST=1 TRACING=1 ;;
+        --http) HTTP=1 ;;
+        --all) PERSIST=1 TRACING=1 HTTP=1 ;;
         --only-extra) MAIN=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown argument: $a" >&2; exit 2 ;;
     esac
 done
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
     RUNS=${RUNS:-1}; BG_JOBS=${BG_JOBS:-20000}; FG_JOBS=${FG_JOBS:-5000}
-    SUBMIT_JOBS=${SUBMIT_JOBS:-200000}; SEGMENT=${SEGMENT:-20000}
+    SUBMIT_JOBS=${SUBMIT_JOBS:-200000}; SEGMENT=${SEGMENT:-20000}; HTTP_SUBMIT_JOBS=${HTTP_SUBMIT_JOBS:-20000}
 else
     RUNS=${RUNS:-3}; BG_JOBS=${BG_JOBS:-100000}; FG_JOBS=${FG_JOBS:-20000}
-    SUBMIT_JOBS=${SUBMIT_JOBS:-1000000}; SEGMENT=${SEGMENT:-100000}
+    SUBMIT_JOBS=${SUBMIT_JOBS:-1000000}; SEGMENT=${SEGMENT:-100000}; HTTP_SUBMIT_JOBS=${HTTP_SUBMIT_JOBS:-50000}
 fi
 LG_THREADS=${LG_THREADS:-0}
 GH_ENV=${GH_ENV:-}
@@ -167,7 +172,7 @@ HAVE_GM=0
 
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC') $(uname -r), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/env.txt"
 echo "# gearhouse $("$GH_BIN" --version 2>&1), $([ $HAVE_GM = 1 ] && "$GEARMAND" --version 2>&1 | grep -m1 gearmand)" >>"$OUT/env.txt"
-echo "# QUICK=$QUICK RUNS=$RUNS BG_JOBS=$BG_JOBS FG_JOBS=$FG_JOBS SUBMIT_JOBS=$SUBMIT_JOBS LG_THREADS=$LG_THREADS GH_ENV=$GH_ENV" >>"$OUT/env.txt"
+echo "# QUICK=$QUICK RUNS=$RUNS BG_JOBS=$BG_JOBS FG_JOBS=$FG_JOBS SUBMIT_JOBS=$SUBMIT_JOBS HTTP_SUBMIT_JOBS=$HTTP_SUBMIT_JOBS LG_THREADS=$LG_THREADS GH_ENV=$GH_ENV" >>"$OUT/env.txt"
 
 BG_ARGS=(--mode background --jobs "$BG_JOBS" --payload 64 --clients 2 --workers 2 --pipeline 100)
 FG_ARGS=(--mode foreground --jobs "$FG_JOBS" --payload 64 --clients 4 --workers 2 --pipeline 1)
@@ -342,6 +347,54 @@ except Exception: print('NA')" "${1:-}" "$BG_JOBS"; }
         row "gh server CPU us/job: default / every job vs off, median" "$x / $y" "$z" "$(ratio "$x" "$z") / $(ratio "$y" "$z")" "(info)"
     fi
     stop_pid "$SINK_PID"
+fi
+
+# ---- HTTP job submission vs the Gearman protocol, on the same server ------------------------
+# One gearhouse per run serves all four measurements back to back (which protocol goes first
+# alternates per run): foreground round trips (4 clients, one request at a time on a kept-alive
+# connection, 2 Gearman workers) and background submits (4 clients, one at a time, no worker),
+# each over Gearman and over HTTP (POST /jobs/FUNCTION). Then, for information, the same submits
+# with 100 in flight per connection (Gearman pipelining vs HTTP/1.1 pipelining).
+if [ "$HTTP" = 1 ]; then
+    H_FG=(--jobs "$FG_JOBS" --payload 64 --clients 4 --workers 2 --pipeline 1)
+    H_SUB=(--jobs "$HTTP_SUBMIT_JOBS" --payload 64 --clients 4 --segment "$HTTP_SUBMIT_JOBS")
+    declare -a HF=() GF=() HS=() GS=()
+    for r in $(seq "$RUNS"); do
+        if [ $((r % 2)) = 1 ]; then ORDER="gear http"; else ORDER="http gear"; fi
+        start_gearhouse "http.$r"
+        for p in $ORDER; do
+            log "run $r: foreground round trips over $p (same server)"
+            if [ $p = gear ]; then run_lg "http.fg.gear.$r" --mode foreground "${H_FG[@]}"
+            else run_lg "http.fg.http.$r" --mode http-foreground --http-port "$SRV_HTTP" "${H_FG[@]}"; fi
+        done
+        for p in $ORDER; do
+            log "run $r: background submits over $p, 1 in flight per client (same server)"
+            if [ $p = gear ]; then run_lg "http.sub.gear.$r" --mode submit-only --function sub_gear --pipeline 1 "${H_SUB[@]}"
+            else run_lg "http.sub.http.$r" --mode http-submit-only --function sub_http --pipeline 1 --http-port "$SRV_HTTP" "${H_SUB[@]}"; fi
+        done
+        for p in $ORDER; do
+            log "run $r: background submits over $p, 100 in flight per client (same server)"
+            if [ $p = gear ]; then run_lg "http.pipe.gear.$r" --mode submit-only --function pipe_gear --pipeline 100 "${H_SUB[@]}"
+            else run_lg "http.pipe.http.$r" --mode http-submit-only --function pipe_http --pipeline 100 --http-port "$SRV_HTTP" "${H_SUB[@]}"; fi
+        done
+        stop_pid "$SRV_PID"
+        a=$(field "$OUT/http.fg.http.$r.txt" rt_per_s); b=$(field "$OUT/http.fg.gear.$r.txt" rt_per_s)
+        HF+=("$a"); GF+=("$b")
+        row "gh foreground round trips/s: HTTP (col 2) vs Gearman (col 3), run $r" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
+        a=$(field "$OUT/http.fg.http.$r.txt" p99_ms); b=$(field "$OUT/http.fg.gear.$r.txt" p99_ms)
+        row "gh foreground p99 ms: HTTP vs Gearman, run $r" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+        a=$(field "$OUT/http.sub.http.$r.txt" submit_per_s); b=$(field "$OUT/http.sub.gear.$r.txt" submit_per_s)
+        HS+=("$a"); GS+=("$b")
+        row "gh background submits/s, 1 in flight: HTTP vs Gearman, run $r" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.5x"
+        a=$(field "$OUT/http.pipe.http.$r.txt" submit_per_s); b=$(field "$OUT/http.pipe.gear.$r.txt" submit_per_s)
+        row "gh background submits/s, 100 in flight (pipelined): HTTP vs Gearman, run $r" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+    done
+    if [ "$RUNS" -gt 1 ]; then
+        a=$(median "${HF[@]}"); b=$(median "${GF[@]}")
+        row "gh foreground round trips/s: HTTP vs Gearman, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
+        a=$(median "${HS[@]}"); b=$(median "${GS[@]}")
+        row "gh background submits/s, 1 in flight: HTTP vs Gearman, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.5x"
+    fi
 fi
 
 # ---- the table ------------------------------------------------------------------------------

@@ -300,6 +300,16 @@ timeseries("Export time", "Time to send one batch of spans, 99th percentile",
 timeseries("Tail sampling decisions", "Finished jobs per second by decision and reason: failed, exception, requeued, dropped, refused and slow (tracing.slow_ms) jobs are always kept; ordinary jobs are kept at tracing.sample_ratio (reason ratio)",
            [(f"sum by (decision, reason) (rate(gearhouse_trace_jobs_sampled_total[{R}]))", "{{decision}} {{reason}}")], unit="short", w=24)
 
+# ---- HTTP job submission
+row("HTTP job submission")
+timeseries("HTTP job requests by answer", "POST /jobs/{function} (submit), GET /jobs/{handle} (status) and gearmand's /FUNCTION paths, per second by status: 401 no token, 413 too large, 429 queue full, 502 failed job, 503 busy or not ready, 504 timeout, 507 not durable, 499 client hung up",
+           [(f"sum by (route, status) (rate(gearhouse_http_job_requests_total[{R}]))", "{{route}} {{status}}")], unit="reqps", w=8)
+timeseries("HTTP job requests in progress", "Requests being answered (a foreground request waits for its job); past http.max_concurrent_jobs new ones get 503",
+           [("sum by (route) (gearhouse_http_job_requests_in_flight)", "{{route}}")], w=8)
+timeseries("HTTP job request time", "Arrival to answer (a foreground job's whole run), 50th and 99th percentile",
+           [(f"histogram_quantile({q}, sum by (route, le) (rate(gearhouse_http_job_request_duration_seconds_bucket[{R}])))", f"p{int(q * 100)} {{{{route}}}}") for q in (0.5, 0.99)],
+           unit="s", w=8)
+
 # ---- Process
 row("Process")
 timeseries("Resident memory", "process_resident_memory_bytes",

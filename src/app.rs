@@ -81,6 +81,7 @@ pub async fn run_listeners(
         http_listener,
         parts.engine.clone(),
         parts.health.clone(),
+        http::jobs::Settings::from_config(&cfg),
         http::functions::routes(functions_api),
         // Metrics and health stay up while a graceful stop drains.
         stop.now.clone(),

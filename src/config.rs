@@ -112,6 +112,12 @@ pub struct AccessSection {
 #[serde(deny_unknown_fields)]
 pub struct HttpSection {
     pub listen: String,
+    /// Bearer tokens accepted for job submission from outside `server.admin_networks`.
+    pub submit_tokens: Vec<String>,
+    /// Default wait for a foreground job's result (`X-Gearman-Timeout` overrides it).
+    pub job_timeout_ms: u64,
+    /// HTTP job submissions in progress at once; past it 503.
+    pub max_concurrent_jobs: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -239,6 +245,7 @@ const LIST_KEYS: &[&str] = &[
     "server.admin_networks",
     "server.admin_read_networks",
     "persistence.memcached",
+    "http.submit_tokens",
 ];
 
 impl Config {
@@ -357,6 +364,18 @@ impl Config {
                 "server.plain_listen",
                 "is a plain listener beside a TLS one: without server.tls_cert, server.listen is plain already",
             );
+        }
+        if self.http.submit_tokens.iter().any(|t| t.trim().len() < 16) {
+            return bad(
+                "http.submit_tokens",
+                "each token must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            );
+        }
+        if self.http.job_timeout_ms == 0 {
+            return bad("http.job_timeout_ms", "must be at least 1");
+        }
+        if self.http.max_concurrent_jobs == 0 {
+            return bad("http.max_concurrent_jobs", "must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");

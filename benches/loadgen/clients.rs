@@ -50,7 +50,7 @@ impl Progress {
             marks: Mutex::new(Vec::new()),
         }
     }
-    fn created(&self) {
+    pub fn created(&self) {
         let c = self.created.fetch_add(1, Ordering::AcqRel) + 1;
         if c.is_multiple_of(self.segment) {
             self.marks.lock().unwrap().push((c, Instant::now()));

@@ -13,6 +13,8 @@
 //!   default, is one round trip at a time); round trips/s and p50/p99/p999 latency.
 //! - `submit-only`: queue background jobs with no worker; submit rate per `--segment` jobs.
 //! - `drain`: workers drain what is queued for `--function`; jobs/s.
+//! - `http-foreground`, `http-submit-only`: the foreground and submit-only scenarios over HTTP
+//!   job submission (`POST /jobs/{function}` on `--http-port`), see `http.rs`.
 //! - `otlp-sink`: an HTTP server answering 200 to every POST (an OTLP/HTTP trace receiver that
 //!   throws the spans away), counting requests and bytes; `GET /stats` returns the counts.
 //!
@@ -21,9 +23,11 @@
 //!
 //! Files: this one parses the command line and dispatches; `clients.rs` and `workers.rs` are the
 //! connections' loops, `scenarios.rs` the modes, `stats.rs` rates and CPU accounting,
-//! `report.rs` the fields of the RESULT line, `sink.rs` the OTLP sink.
+//! `report.rs` the fields of the RESULT line, `sink.rs` the OTLP sink, `http.rs` the HTTP
+//! modes.
 
 mod clients;
+mod http;
 mod report;
 mod scenarios;
 mod sink;
@@ -43,6 +47,8 @@ pub enum Mode {
     Foreground,
     SubmitOnly,
     Drain,
+    HttpForeground,
+    HttpSubmitOnly,
     OtlpSink,
 }
 
@@ -67,10 +73,14 @@ pub struct Args {
     pub host: String,
     #[arg(long, default_value_t = 4730)]
     pub port: u16,
+    /// The server's HTTP listener (HTTP modes).
+    #[arg(long)]
+    pub http_port: Option<u16>,
     #[arg(long, value_enum, default_value = "background")]
     pub mode: Mode,
-    /// Jobs in total (split over the clients). Defaults: background 100000, foreground 20000,
-    /// submit-only 1000000, drain: the queue depth `status` reports for --function.
+    /// Jobs in total (split over the clients). Defaults: background 100000, foreground and
+    /// http-foreground 20000, submit-only 1000000, http-submit-only 200000, drain: the queue
+    /// depth `status` reports for --function.
     #[arg(long)]
     pub jobs: Option<u64>,
     /// Payload bytes per job.
@@ -84,7 +94,7 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Outstanding submits per client (default: 100 for background/submit-only, 1 for
-    /// foreground, i.e. one round trip at a time).
+    /// foreground and the HTTP modes, i.e. one round trip at a time).
     #[arg(long)]
     pub pipeline: Option<usize>,
     /// GRAB_JOB_UNIQ requests a worker keeps outstanding (1 = a real one-job-at-a-time worker).
@@ -153,6 +163,8 @@ async fn run(args: Args) -> io::Result<()> {
         Mode::Foreground => scenarios::foreground(&args).await,
         Mode::SubmitOnly => scenarios::submit_only(&args).await,
         Mode::Drain => scenarios::drain(&args).await,
+        Mode::HttpForeground => http::foreground(&args).await,
+        Mode::HttpSubmitOnly => http::submit_only(&args).await,
         Mode::OtlpSink => sink::otlp_sink(&args).await,
     }
 }

@@ -244,8 +244,10 @@ pub fn overrides(a: &ServeArgs) -> Result<(Vec<Override>, Vec<String>), CliError
     }
     if http_module {
         notes.push(
-            "-r http: gearhouse's HTTP listener serves /metrics, /healthz, /readyz and \
-             /api/v1/status, not gearmand's job submission over HTTP"
+            "-r http: gearmand's HTTP job paths (GET/POST/PUT /FUNCTION, X-Gearman-* headers) \
+             are served on gearhouse's HTTP listener, beside /metrics, /healthz, /readyz, \
+             /api/v1/status and /jobs/...; submitting needs a peer in server.admin_networks or \
+             a token from http.submit_tokens"
                 .into(),
         );
     }
@@ -285,7 +287,8 @@ pub fn listen_address(a: &ServeArgs, current: &str) -> Result<Option<Override>, 
 }
 
 /// `http.listen` for gearmand's `-r http` (`--http-port`, default 8080 as in gearmand), on the
-/// host `current` gives (loopback by default: expose it deliberately).
+/// host `current` gives (loopback by default: expose it deliberately). That listener speaks
+/// gearmand's HTTP protocol at its own paths (`src/http/gearmand.rs`) besides gearhouse's.
 pub fn http_address(a: &ServeArgs, current: &str) -> Result<Option<Override>, CliError> {
     if !a.protocol.iter().any(|p| p.eq_ignore_ascii_case("http")) {
         return Ok(None);

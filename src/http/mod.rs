@@ -1,9 +1,14 @@
 //! The HTTP listener (axum): `/metrics` for Prometheus, `/healthz` and `/readyz` for
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
 //! protocol, which also feeds the status page at `/` ([`page`]). [`functions`]: per-function
-//! settings (`/api/v1/functions/{name}`).
+//! settings (`/api/v1/functions/{name}`). Job submission (`/jobs/...`, gearmand's
+//! `/{function}` paths) lives in `jobs.rs` and `gearmand.rs`.
 
+pub mod access;
 pub mod functions;
+pub mod gearmand;
+pub mod job_metrics;
+pub mod jobs;
 mod page;
 
 use std::collections::BTreeMap;
@@ -60,7 +65,8 @@ struct AppState {
 }
 
 /// The HTTP routes.
-pub fn router(engine: Engine, health: Arc<Health>) -> Router {
+pub fn router(engine: Engine, health: Arc<Health>, jobs: jobs::Settings) -> Router {
+    let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs);
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -72,18 +78,21 @@ pub fn router(engine: Engine, health: Arc<Health>) -> Router {
             health,
         })
         .merge(schedules::routes(engine))
+        .merge(jobs::routes(submission))
 }
 
 /// Serves the HTTP routes and `more` (the functions API) on an already-bound listener until
-/// `shutdown`. Handlers see the peer address (`ConnectInfo`) for `server.admin_networks`.
+/// `shutdown`. Handlers see the peer's address (`ConnectInfo`): job submission and changes are
+/// allowed by network (or, for jobs, by token).
 pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     health: Arc<Health>,
+    jobs: jobs::Settings,
     more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(engine, health).merge(more);
+    let app = router(engine, health, jobs).merge(more);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
