@@ -38,6 +38,8 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub persistence: PersistenceSection,
     pub tracing: TracingSection,
+    pub cache: CacheSection,
+    pub dead_letters: DeadLettersSection,
     /// `[functions."<name>"]` tables: per-function settings (empty by default).
     pub functions: BTreeMap<String, FunctionSettings>,
 }
@@ -163,6 +165,28 @@ pub struct TracingSection {
     pub max_jobs_in_flight: usize,
 }
 
+/// `[cache]`: the result cache's in-memory front and its store queue.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Bytes of results kept in memory in front of memcached; 0 = none.
+    pub front_bytes: usize,
+    /// Results waiting to be written to memcached before new ones are skipped.
+    pub store_queue: usize,
+}
+
+/// `[dead_letters]`: the bounds of the dead-letter store.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersSection {
+    /// Letters kept at most (the oldest is dropped first).
+    pub max_count: usize,
+    /// Bytes of letters kept at most (the oldest are dropped first).
+    pub max_bytes: usize,
+    /// Letters waiting to be recorded before new ones are lost (and counted).
+    pub queue: usize,
+}
+
 /// The shipped configuration file, `config/default.toml`: the one place every default is
 /// written (and documented). It is the first layer of every load, and since no section has
 /// `#[serde(default)]`, a key missing from it is an error at start-up and in the tests, not a
@@ -195,7 +219,9 @@ section_defaults!(
     log: LogSection,
     metrics: MetricsSection,
     persistence: PersistenceSection,
-    tracing: TracingSection
+    tracing: TracingSection,
+    cache: CacheSection,
+    dead_letters: DeadLettersSection
 );
 
 /// Keys that hold lists, so an environment value is split on commas.
@@ -293,6 +319,15 @@ impl Config {
         }
         if self.tracing.max_queue == 0 {
             return bad("tracing.max_queue", "must be at least 1");
+        }
+        if self.cache.store_queue == 0 {
+            return bad("cache.store_queue", "must be at least 1");
+        }
+        if self.dead_letters.max_count == 0 || self.dead_letters.queue == 0 {
+            return bad(
+                "dead_letters.max_count",
+                "max_count and queue must be at least 1",
+            );
         }
         Ok(())
     }
