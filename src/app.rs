@@ -22,6 +22,8 @@ pub enum AppError {
     Persist(#[from] crate::persist::PersistError),
     #[error("tracing: {0}")]
     Telemetry(#[from] crate::telemetry::TelemetryError),
+    #[error("result cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 /// Runs the server until `shutdown` is cancelled, which starts a graceful stop (see
@@ -58,6 +60,7 @@ pub async fn run_with(
         http_listener,
         parts.engine.clone(),
         parts.health.clone(),
+        parts.services.clone(),
         // Metrics and health stay up while a graceful stop drains.
         stop.now.clone(),
     ));
@@ -72,6 +75,9 @@ pub async fn run_with(
             };
         }
     }
+    if let Some(d) = &parts.services.dead_letters {
+        d.restore_until_done(&stop.drain).await;
+    }
     serve(&cfg, &parts, gearman, stop).await?;
     finish(&cfg, parts, http_task).await;
     Ok(())
@@ -83,6 +89,21 @@ struct Parts {
     health: Arc<Health>,
     persistence: Option<crate::persist::Persistence>,
     tracer: Option<Arc<crate::telemetry::JobTracer>>,
+    services: server::Services,
+}
+
+/// The engine's one outcome sink: each ended job goes to the result cache and the dead-letter
+/// store, which each keep what concerns them.
+struct Outcomes {
+    cache: Arc<crate::cache::Cache>,
+    dead_letters: Arc<crate::dead_letters::DeadLetters>,
+}
+
+impl crate::engine::OutcomeSink for Outcomes {
+    fn ended(&self, job: &crate::engine::EndedJob<'_>) {
+        self.cache.ended(job);
+        self.dead_letters.ended(job);
+    }
 }
 
 /// Metrics, job tracing, the durable mirror and the engine, wired together.
@@ -110,12 +131,26 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
     let mirror = persistence.as_ref().map(|p| p.mirror());
     let mirror = crate::telemetry::traced_mirror(mirror, &tracer);
+    // The server's own state beside the queue (cached results, dead letters) lives in the
+    // same memcached cluster, through the plain key-value store.
+    let kv = crate::persist::Settings::from_config(cfg)?
+        .map(|s| Arc::new(crate::persist::kv::Kv::from_settings(&s)));
+    let cache = crate::cache::Cache::start(cfg, kv.clone(), &metrics.registry)?;
+    let dead_letters = crate::dead_letters::DeadLetters::start(cfg, kv, &metrics.registry);
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
+    engine.set_outcome_sink(Arc::new(Outcomes {
+        cache: cache.clone(),
+        dead_letters: dead_letters.clone(),
+    }));
     Ok(Parts {
         engine,
         health: Arc::new(Health::default()),
         persistence,
         tracer,
+        services: server::Services {
+            cache: Some(cache),
+            dead_letters: Some(dead_letters),
+        },
     })
 }
 
@@ -161,7 +196,14 @@ async fn serve(
         })
     };
     let server_cfg = Arc::new(cfg.server_config());
-    let served = server::run(gearman, parts.engine.clone(), server_cfg, stop).await;
+    let served = server::run(
+        gearman,
+        parts.engine.clone(),
+        server_cfg,
+        parts.services.clone(),
+        stop,
+    )
+    .await;
     not_ready.abort();
     served
 }

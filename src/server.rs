@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::admin::{self, AfterAdmin};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
 use crate::engine::{put_error, ConnId, Engine};
-use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request};
+use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request, Submit};
 
 /// Connection-level settings (see `config/default.toml`).
 #[derive(Debug, Clone)]
@@ -38,6 +38,15 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// TCP keepalive on accepted connections (`server.keepalive*`), if on.
     pub keepalive: Option<crate::net::Keepalive>,
+}
+
+/// What connections use beside the engine: the result cache (answers cached foreground submits
+/// before they reach the engine) and the dead-letter store (admin `show dead`). `None` in
+/// servers and tests built without them.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    pub cache: Option<Arc<crate::cache::Cache>>,
+    pub dead_letters: Option<Arc<crate::dead_letters::DeadLetters>>,
 }
 
 /// The two stages of stopping, shared by the accept loop, every connection and the admin
@@ -103,6 +112,7 @@ pub async fn run(
     listener: TcpListener,
     engine: Engine,
     cfg: Arc<ServerConfig>,
+    services: Services,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
@@ -139,7 +149,14 @@ pub async fn run(
                 tracing::warn!(%peer, error = %e, "cannot set TCP keepalive (server.keepalive*)");
             }
         }
-        let conn = Connection::new(stream, peer, engine.clone(), cfg.clone(), shutdown.clone());
+        let conn = Connection::new(
+            stream,
+            peer,
+            engine.clone(),
+            cfg.clone(),
+            services.clone(),
+            shutdown.clone(),
+        );
         let serve = conn.serve();
         tracker.spawn(async move {
             serve.await;
@@ -269,6 +286,7 @@ struct Connection {
     kill: CancellationToken,
     shutdown: Shutdown,
     is_admin: bool,
+    services: Services,
 }
 
 /// Why a connection loop ended.
@@ -286,6 +304,7 @@ impl Connection {
         peer: SocketAddr,
         engine: Engine,
         cfg: Arc<ServerConfig>,
+        services: Services,
         shutdown: Shutdown,
     ) -> Self {
         let kill = shutdown.now.child_token();
@@ -303,6 +322,7 @@ impl Connection {
             kill,
             shutdown,
             is_admin,
+            services,
         }
     }
 
@@ -380,14 +400,14 @@ impl Connection {
                         Read::Failed(e) => return Close::Framing(e),
                         Read::Eof => return Close::Peer,
                     };
-                    if let Some(close) = self.handle(frame) {
+                    if let Some(close) = self.handle(frame).await {
                         return close;
                     }
                     // Handle whatever else is already readable, then write once.
                     for _ in 0..FRAMES_PER_FLUSH {
                         match self.framed.next().now_or_never() {
                             Some(Some(Ok(f))) => {
-                                if let Some(close) = self.handle(f) {
+                                if let Some(close) = self.handle(f).await {
                                     return close;
                                 }
                             }
@@ -459,14 +479,20 @@ impl Connection {
     }
 
     /// Handles one frame; `Some` ends the connection.
-    fn handle(&mut self, frame: Frame) -> Option<Close> {
+    async fn handle(&mut self, frame: Frame) -> Option<Close> {
         let metrics = self.engine.metrics().clone();
         match frame {
             Frame::Admin(line) => {
                 metrics.bytes_in.inc_by(line.len() as u64 + 1);
                 let out = self.framed.write_buffer_mut();
-                let (cmd, ok, after) =
-                    admin::execute(&self.engine, &line, self.peer, self.is_admin, out);
+                let (cmd, ok, after) = admin::execute(
+                    &self.engine,
+                    &line,
+                    self.peer,
+                    self.is_admin,
+                    self.services.dead_letters.as_deref(),
+                    out,
+                );
                 metrics
                     .admin_commands
                     .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
@@ -498,21 +524,44 @@ impl Connection {
                 // NOOP, STATUS_RES, ECHO_RES, OPTION_RES or ERROR): the buffer grew or it did
                 // not. Packets from other connections are counted in push_out.
                 let before = self.framed.write_buffer().len();
-                self.dispatch(req);
+                let mut extra = 0;
+                if let Some((cache, s)) = self.dispatch(req) {
+                    extra = self.submit_cached(&cache, s).await;
+                }
                 let answered = self.framed.write_buffer().len() > before;
-                metrics.packets_out.inc_by(answered as u64);
+                metrics.packets_out.inc_by(answered as u64 + extra);
                 None
             }
         }
     }
 
-    fn dispatch(&mut self, req: Request) {
+    /// A foreground submit of a cached function: answered from the cache on a hit (JOB_CREATED
+    /// and WORK_COMPLETE, no engine, no worker), else submitted to the engine. The connection
+    /// awaits the lookup (memcached when the in-memory front misses), so its requests keep
+    /// their order. Returns the packets written beyond the one the caller counts.
+    async fn submit_cached(&mut self, cache: &crate::cache::Cache, s: Submit) -> u64 {
+        match cache.lookup(&s.function, &s.unique).await {
+            Some(result) => {
+                cache.put_hit(self.framed.write_buffer_mut(), &s, self.peer, &result);
+                1
+            }
+            None => {
+                self.engine
+                    .submit(self.id, s, self.framed.write_buffer_mut());
+                0
+            }
+        }
+    }
+
+    /// Runs one request against the engine, writing its answer. A submit the result cache may
+    /// answer is handed back instead (with the cache), for [`Connection::submit_cached`].
+    fn dispatch(&mut self, req: Request) -> Option<(Arc<crate::cache::Cache>, Submit)> {
         let id = self.id;
         let engine = &self.engine;
         let draining = self.shutdown.is_draining();
         let out = self.framed.write_buffer_mut();
         if draining && refuse_while_draining(&req, out) {
-            return;
+            return None;
         }
         match req {
             Request::CanDo {
@@ -526,9 +575,12 @@ impl Connection {
             Request::CantDo { function } => engine.cant_do(id, &function),
             Request::ResetAbilities => engine.reset_abilities(id),
             Request::PreSleep => engine.pre_sleep(id, out),
-            Request::Submit(s) => {
-                engine.submit(id, s, out);
-            }
+            Request::Submit(s) => match &self.services.cache {
+                Some(c) if c.is_cacheable(&s) => return Some((c.clone(), s)),
+                _ => {
+                    engine.submit(id, s, out);
+                }
+            },
             Request::Grab(kind) => engine.grab(id, kind, out),
             Request::Work { kind, handle, body } => engine.work(id, kind, &handle, &body, out),
             Request::GetStatus { handle } => engine.get_status(&handle, out),
@@ -541,6 +593,7 @@ impl Connection {
             },
             Request::AllYours => {}
         }
+        None
     }
 }
 

@@ -2,6 +2,8 @@
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
 //! protocol.
 
+mod dead_letters;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,16 +53,22 @@ impl Health {
 struct AppState {
     engine: Engine,
     health: Arc<Health>,
+    services: crate::server::Services,
 }
 
 /// The HTTP routes.
-pub fn router(engine: Engine, health: Arc<Health>) -> Router {
+pub fn router(engine: Engine, health: Arc<Health>, services: crate::server::Services) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
-        .with_state(AppState { engine, health })
+        .merge(dead_letters::routes())
+        .with_state(AppState {
+            engine,
+            health,
+            services,
+        })
 }
 
 /// Serves the HTTP routes on an already-bound listener until `shutdown`.
@@ -68,9 +76,13 @@ pub async fn serve(
     listener: TcpListener,
     engine: Engine,
     health: Arc<Health>,
+    services: crate::server::Services,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine, health))
+    // With the peer's address: some routes are only for `server.admin_networks`.
+    let app = router(engine, health, services)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
