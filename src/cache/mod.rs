@@ -13,7 +13,8 @@
 //! - [`Cache::ended`] runs under the engine lock: it fills the front and hands the memcached
 //!   write to one task through a bounded queue; a full queue skips the result (counted).
 //! - A result memcached refuses (over its `-I` item limit) is removed from the front again and
-//!   counted as skipped, so what is answered is what memcached holds.
+//!   counted as skipped, so what is answered is what memcached holds; one memcached did not
+//!   answer for stays in the front (counted as skipped, `unreachable`).
 //! - Which functions are cached is read from `[functions."<name>"]` at start-up; runtime
 //!   changes come through [`Cache::set_ttl`], which refuses a TTL when no memcached is
 //!   configured, as start-up does.
@@ -300,12 +301,17 @@ async fn store_task(mut rx: mpsc::Receiver<Store>, kv: Arc<Kv>, shared: Arc<Shar
         match kv.set(&s.key, &s.value, s.ttl_s).await {
             Ok(_) => m.stored(&s.function),
             Err(e) => {
-                shared.front.remove(&s.front_key);
-                m.front_bytes.set(shared.front.bytes() as i64);
                 let reason = match e {
                     KvError::Refused(_) | KvError::BadKey(_) => SkipReason::TooLarge,
                     KvError::Unreachable(_) => SkipReason::Unreachable,
                 };
+                // A result memcached refused must not be answered from here either (what is
+                // answered is what memcached would hold); one it did not hear of is still
+                // right, so this server keeps answering it until it expires.
+                if reason == SkipReason::TooLarge {
+                    shared.front.remove(&s.front_key);
+                    m.front_bytes.set(shared.front.bytes() as i64);
+                }
                 m.skipped(&s.function, reason);
                 tracing::info!(
                     function = %String::from_utf8_lossy(&s.function),
