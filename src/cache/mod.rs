@@ -253,13 +253,19 @@ impl Cache {
         }
         let ttl = job.cache_ttl_s;
         let fkey = front_key(job.function, job.unique);
-        let result = Bytes::copy_from_slice(job.result);
-        let expires_unix = unix_now() + ttl as u64;
+        let value = encode(
+            job.function,
+            job.unique,
+            job.result,
+            unix_now() + ttl as u64,
+        );
+        // The result is the value's tail: one copy serves the front and memcached.
+        let result = value.slice(value.len() - job.result.len()..);
         let store = Store {
             function: Bytes::copy_from_slice(job.function),
             key: self.key(job.function, job.unique),
             front_key: fkey.clone(),
-            value: encode(job.function, job.unique, job.result, expires_unix),
+            value,
             ttl_s: ttl,
         };
         match self.tx.try_send(store) {

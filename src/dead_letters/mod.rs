@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::engine::{EndedJob, Engine};
-use crate::local::{LocalClient, LocalError};
+use crate::local::LocalClient;
 use crate::persist::kv::{Kv, KvError};
 use crate::protocol::Submit;
 pub use letter::{Letter, Reason};
@@ -222,7 +222,7 @@ impl DeadLetters {
 
     /// Deletes a letter (from memory now, from memcached by the task).
     pub async fn delete(&self, id: u64) -> Result<(), DeadLetterError> {
-        if self.forget(id).is_none() {
+        if self.take(id).is_none() {
             return Err(DeadLetterError::NotFound(id));
         }
         let _ = self.tx.send(Op::Delete(id)).await;
@@ -232,16 +232,18 @@ impl DeadLetters {
     /// Submits the letter's job again, as a background job with its function, unique, payload
     /// and priority, through the engine like any client's (so durable before it is accepted),
     /// then deletes the letter. `peer` is who asked (shown as the job's client). Returns the
-    /// new job's handle.
+    /// new job's handle. The letter is taken out while its job is submitted, so two retries of
+    /// one letter submit it once; a refused submit puts it back.
     pub async fn retry(
         &self,
         engine: &Engine,
         id: u64,
         peer: SocketAddr,
     ) -> Result<Bytes, DeadLetterError> {
-        let l = self.get(id).ok_or(DeadLetterError::NotFound(id))?.letter;
+        let taken = self.take(id).ok_or(DeadLetterError::NotFound(id))?;
+        let l = taken.letter.clone();
         let mut client = LocalClient::connect(engine, peer, "dead-letter-retry", 16);
-        let handle = client
+        let submitted = client
             .submit(Submit {
                 function: l.function.clone(),
                 unique: l.unique.clone(),
@@ -251,8 +253,14 @@ impl DeadLetters {
                 epoch: None,
                 reducer: None,
             })
-            .await
-            .map_err(|e: LocalError| DeadLetterError::Refused(e.to_string()))?;
+            .await;
+        let handle = match submitted {
+            Ok(h) => h,
+            Err(e) => {
+                self.put_back(taken);
+                return Err(DeadLetterError::Refused(e.to_string()));
+            }
+        };
         tracing::info!(
             id,
             function = %String::from_utf8_lossy(&l.function),
@@ -262,8 +270,7 @@ impl DeadLetters {
             "dead letter retried"
         );
         self.metrics.retried.inc();
-        // Another retry or a delete may have removed it meanwhile: then it is gone already.
-        let _ = self.delete(id).await;
+        let _ = self.tx.send(Op::Delete(id)).await;
         Ok(handle)
     }
 
@@ -300,12 +307,21 @@ impl DeadLetters {
         out.put_slice(b".\n");
     }
 
-    fn forget(&self, id: u64) -> Option<Arc<Letter>> {
+    /// Takes a letter out of memory (its memcached copy stays until an `Op::Delete`).
+    fn take(&self, id: u64) -> Option<Stored> {
         let mut g = self.lock();
         let s = g.letters.remove(&id)?;
         g.bytes -= s.letter.size();
         self.metrics.letters.set(g.letters.len() as i64);
-        Some(s.letter)
+        Some(s)
+    }
+
+    /// Puts back a letter taken out for a retry that was refused.
+    fn put_back(&self, s: Stored) {
+        let mut g = self.lock();
+        g.bytes += s.letter.size();
+        g.letters.insert(s.letter.id, s);
+        self.metrics.letters.set(g.letters.len() as i64);
     }
 
     /// Numbers and keeps a new letter, evicting the oldest past the bounds; returns the kept
