@@ -265,6 +265,22 @@ timeseries("Evictions", "Items memcached evicted (any eviction can lose a job); 
            [("gearhouse_memcached_evictions", "evictions {{node}}"),
             ("gearhouse_memcached_eviction_enabled", "eviction enabled {{node}}")], w=12)
 
+# ---- Result cache and dead letters
+# `or vector(0)`: these series exist only once a cached function or a dead letter was seen; the
+# panels show 0 rather than "No data" on a server that has none.
+row("Result cache and dead letters")
+timeseries("Cache hit ratio", "Share of foreground submits of cached functions answered from the cache (0 when there were none)",
+           [(f"(sum(rate(gearhouse_cache_hits_total{{{F}}}[{R}])) or vector(0)) / clamp_min((sum(rate(gearhouse_cache_hits_total{{{F}}}[{R}])) or vector(0)) + (sum(rate(gearhouse_cache_misses_total{{{F}}}[{R}])) or vector(0)), 1e-9)", "hit ratio")], unit="percentunit", w=8)
+timeseries("Cache hits, misses, stores, skips", "Per second; skips are results not stored (too_large: raise memcached -I; queue_full: cache.store_queue; unreachable)",
+           [(f"sum(rate(gearhouse_cache_hits_total{{{F}}}[{R}])) or vector(0)", "hits"),
+            (f"sum(rate(gearhouse_cache_misses_total{{{F}}}[{R}])) or vector(0)", "misses"),
+            (f"sum(rate(gearhouse_cache_stores_total{{{F}}}[{R}])) or vector(0)", "stores"),
+            (f"sum by (reason) (rate(gearhouse_cache_skips_total{{{F}}}[{R}])) or vector(0)", "skipped {{reason}}")], unit="reqps", w=8)
+timeseries("Dead letters", "Letters kept (GET /api/v1/dead-letters, admin show dead); new letters and the oldest evicted past dead_letters.max_count / max_bytes, per second",
+           [("sum(gearhouse_dead_letters)", "kept"),
+            (f"sum(rate(gearhouse_dead_letters_total{{{F}}}[{R}])) or vector(0)", "new / s"),
+            (f"sum(rate(gearhouse_dead_letters_evicted_total[{R}]))", "evicted / s")], w=8)
+
 # ---- Recovery
 row("Recovery")
 stat("Jobs recovered", "Jobs restored from memcached at start-up (own queue and taken-over queues)",

@@ -137,6 +137,7 @@ pub fn execute(
     line: &Bytes,
     peer: SocketAddr,
     from_admin_network: bool,
+    dead_letters: Option<&crate::dead_letters::DeadLetters>,
     out: &mut BytesMut,
 ) -> Executed {
     let from = Sender {
@@ -157,6 +158,13 @@ pub fn execute(
         ("prioritystatus", _) => priority_status(engine, out),
         ("workers", _) => workers(engine, out),
         ("show", "jobs") => show_jobs(),
+        ("show", "dead") => {
+            match dead_letters {
+                Some(d) => d.show(out),
+                None => out.put_slice(b".\n"),
+            }
+            ("show dead", true, AfterAdmin::Continue)
+        }
         ("show", "unique") if words.get(2).is_some_and(|w| w.eq_ignore_ascii_case("jobs")) => {
             show_unique_jobs()
         }
@@ -471,7 +479,7 @@ mod tests {
         let mut out = BytesMut::new();
         tracing::subscriber::with_default(subscriber, || {
             let run = |line: &'static str, admin: bool, out: &mut BytesMut| {
-                execute(&engine, &Bytes::from(line), peer, admin, out)
+                execute(&engine, &Bytes::from(line), peer, admin, None, out)
             };
             assert!(run("maxqueue resize 3", true, &mut out).1);
             run("create function thumbs", true, &mut out);

@@ -24,6 +24,8 @@ pub enum AppError {
     Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("result cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 /// Runs the server until `shutdown` is cancelled, which starts a graceful stop (see
@@ -82,6 +84,7 @@ pub async fn run_listeners(
         parts.engine.clone(),
         parts.health.clone(),
         http::jobs::Settings::from_config(&cfg),
+        parts.services.clone(),
         http::functions::routes(functions_api),
         // Metrics and health stay up while a graceful stop drains.
         stop.now.clone(),
@@ -102,9 +105,12 @@ pub async fn run_listeners(
         s.restore(&parts.engine).await;
         s.start(&parts.engine, stop.now.clone());
     }
-        // After recovery, so its first submits (runs missed while down) find the queue restored.
+    // After recovery, so its first submits (runs missed while down) find the queue restored.
     let _scheduler =
         crate::schedule::Scheduler::start(&cfg, &parts.engine, stop.drain.clone()).await;
+    if let Some(d) = &parts.services.dead_letters {
+        d.restore_until_done(&stop.drain).await;
+    }
     serve(&cfg, &parts, gearman, plain, stop).await?;
     finish(&cfg, parts, http_task).await;
     Ok(())
@@ -120,6 +126,21 @@ struct Parts {
     tracer: Option<Arc<crate::telemetry::JobTracer>>,
     /// TLS of the Gearman listener, when `server.tls_cert` is set.
     tls: Option<Arc<crate::tls::Tls>>,
+    services: server::Services,
+}
+
+/// The engine's one outcome sink: each ended job goes to the result cache and the dead-letter
+/// store, which each keep what concerns them.
+struct Outcomes {
+    cache: Arc<crate::cache::Cache>,
+    dead_letters: Arc<crate::dead_letters::DeadLetters>,
+}
+
+impl crate::engine::OutcomeSink for Outcomes {
+    fn ended(&self, job: &crate::engine::EndedJob<'_>) {
+        self.cache.ended(job);
+        self.dead_letters.ended(job);
+    }
 }
 
 /// Metrics, job tracing, the durable mirror and the engine, wired together.
@@ -152,10 +173,20 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         .map(|s| crate::persist::Persistence::new(s, &metrics.registry));
     let mirror = persistence.as_ref().map(|p| p.mirror());
     let mirror = crate::telemetry::traced_mirror(mirror, &tracer);
+    // The server's own state beside the queue (cached results, dead letters) lives in the
+    // same memcached cluster, through the plain key-value store.
+    let kv = crate::persist::Settings::from_config(cfg)?
+        .map(|s| Arc::new(crate::persist::kv::Kv::from_settings(&s)));
+    let cache = crate::cache::Cache::start(cfg, kv.clone(), &metrics.registry)?;
+    let dead_letters = crate::dead_letters::DeadLetters::start(cfg, kv, &metrics.registry);
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
     let settings = persistence
         .as_ref()
         .map(|p| crate::functions::persist::SettingsMirror::new(&p.settings));
+    engine.set_outcome_sink(Arc::new(Outcomes {
+        cache: cache.clone(),
+        dead_letters: dead_letters.clone(),
+    }));
     Ok(Parts {
         engine,
         health: Arc::new(Health::default()),
@@ -163,6 +194,10 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         settings,
         tracer,
         tls,
+        services: server::Services {
+            cache: Some(cache),
+            dead_letters: Some(dead_letters),
+        },
     })
 }
 
@@ -218,7 +253,14 @@ async fn serve(
         parts.tls.clone(),
         parts.engine.metrics().clone(),
     ));
-    let served = server::run_listeners(listeners, parts.engine.clone(), server_cfg, stop).await;
+    let served = server::run_listeners(
+        listeners,
+        parts.engine.clone(),
+        server_cfg,
+        parts.services.clone(),
+        stop,
+    )
+    .await;
     reload.abort();
     not_ready.abort();
     served

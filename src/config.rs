@@ -43,6 +43,8 @@ pub struct Config {
     /// `[[schedules]]`: recurring schedules defined in the file.
     pub schedules: Vec<crate::schedule::ScheduleSpec>,
     pub access: AccessSection,
+    pub cache: CacheSection,
+    pub dead_letters: DeadLettersSection,
     /// `[functions."<name>"]` tables: per-function settings (empty by default).
     pub functions: BTreeMap<String, FunctionSettings>,
 }
@@ -203,6 +205,28 @@ pub struct SchedulerSection {
     pub max_schedules: usize,
 }
 
+/// `[cache]`: the result cache's in-memory front and its store queue.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Bytes of results kept in memory in front of memcached; 0 = none.
+    pub front_bytes: usize,
+    /// Results waiting to be written to memcached before new ones are skipped.
+    pub store_queue: usize,
+}
+
+/// `[dead_letters]`: the bounds of the dead-letter store.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersSection {
+    /// Letters kept at most (the oldest is dropped first).
+    pub max_count: usize,
+    /// Bytes of letters kept at most (the oldest are dropped first).
+    pub max_bytes: usize,
+    /// Letters waiting to be recorded before new ones are lost (and counted).
+    pub queue: usize,
+}
+
 /// The shipped configuration file, `config/default.toml`: the one place every default is
 /// written (and documented). It is the first layer of every load, and since no section has
 /// `#[serde(default)]`, a key missing from it is an error at start-up and in the tests, not a
@@ -237,7 +261,9 @@ section_defaults!(
     persistence: PersistenceSection,
     tracing: TracingSection,
     access: AccessSection,
-    scheduler: SchedulerSection
+    scheduler: SchedulerSection,
+    cache: CacheSection,
+    dead_letters: DeadLettersSection
 );
 
 /// Keys that hold lists, so an environment value is split on commas.
@@ -410,6 +436,15 @@ impl Config {
                     why: format!("[[schedules]] #{} ({:?}): {e}", i + 1, s.id),
                 });
             }
+        }
+        if self.cache.store_queue == 0 {
+            return bad("cache.store_queue", "must be at least 1");
+        }
+        if self.dead_letters.max_count == 0 || self.dead_letters.queue == 0 {
+            return bad(
+                "dead_letters.max_count",
+                "max_count and queue must be at least 1",
+            );
         }
         Ok(())
     }

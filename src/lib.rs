@@ -15,6 +15,8 @@
 //! - [`schedule`]: recurring schedules (cron, UTC) that submit background jobs, shared by the
 //!   servers of a cluster through memcached.
 //! - [`telemetry`]: logging setup and one OpenTelemetry trace per job (OTLP).
+//! - [`cache`]: cached job results (memcached, with an in-memory front); [`dead_letters`]: jobs
+//!   the server gave up on, kept for listing and retry.
 //! - [`functions`]: per-function settings (`[functions."<name>"]`: limits, cache, dead letters).
 //! - [`config`]: layered configuration (defaults, file, `GEARHOUSE_*` env, flags).
 //! - [`app`]: wires the pieces together for the binary and for tests.
@@ -28,10 +30,12 @@
 pub mod access;
 pub mod admin;
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod dead_letters;
 pub mod engine;
 pub mod functions;
 #[doc(hidden)]

@@ -22,7 +22,7 @@ use crate::access::{Access, AdminAccess, Permissions};
 use crate::admin::{self, AfterAdmin, Listing};
 use crate::codec::{put_response, CodecError, Frame, GearmanCodec, PacketType, HEADER_LEN};
 use crate::engine::{put_error, ConnId, Engine};
-use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request};
+use crate::protocol::{ArgLimits, ErrorCode, ProtocolError, Request, Submit};
 
 /// Connection-level settings (see `config/default.toml`).
 #[derive(Debug, Clone)]
@@ -62,6 +62,15 @@ impl Listener {
     pub fn plain(socket: TcpListener) -> Listener {
         Listener { socket, tls: None }
     }
+}
+
+/// What connections use beside the engine: the result cache (answers cached foreground submits
+/// before they reach the engine) and the dead-letter store (admin `show dead`). `None` in
+/// servers and tests built without them.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    pub cache: Option<Arc<crate::cache::Cache>>,
+    pub dead_letters: Option<Arc<crate::dead_letters::DeadLetters>>,
 }
 
 /// The two stages of stopping, shared by the accept loop, every connection and the admin
@@ -127,9 +136,17 @@ pub async fn run(
     listener: TcpListener,
     engine: Engine,
     cfg: Arc<ServerConfig>,
+    services: Services,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    run_listeners(vec![Listener::plain(listener)], engine, cfg, shutdown).await
+    run_listeners(
+        vec![Listener::plain(listener)],
+        engine,
+        cfg,
+        services,
+        shutdown,
+    )
+    .await
 }
 
 /// As [`run`], on several listeners at once (TLS and plain side by side); the connection cap
@@ -138,6 +155,7 @@ pub async fn run_listeners(
     listeners: Vec<Listener>,
     engine: Engine,
     cfg: Arc<ServerConfig>,
+    services: Services,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
@@ -179,11 +197,12 @@ pub async fn run_listeners(
             }
         }
         let (engine, cfg, shutdown) = (engine.clone(), cfg.clone(), shutdown.clone());
+        let services = services.clone();
         tracker.spawn(async move {
             match tls {
                 None => {
                     let perms = cfg.access.permissions(None, peer.ip());
-                    Connection::new(stream, peer, perms, engine, cfg, shutdown)
+                    Connection::new(stream, peer, perms, engine, cfg, services, shutdown)
                         .serve()
                         .await
                 }
@@ -191,7 +210,7 @@ pub async fn run_listeners(
                     if let Some((stream, perms)) =
                         handshake(&tls, stream, peer, &engine, &cfg).await
                     {
-                        Connection::new(stream, peer, perms, engine, cfg, shutdown)
+                        Connection::new(stream, peer, perms, engine, cfg, services, shutdown)
                             .serve()
                             .await
                     } else {
@@ -368,6 +387,7 @@ struct Connection<S> {
     kill: CancellationToken,
     shutdown: Shutdown,
     is_admin: bool,
+    services: Services,
 }
 
 /// Why a connection loop ended.
@@ -386,6 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         perms: Arc<Permissions>,
         engine: Engine,
         cfg: Arc<ServerConfig>,
+        services: Services,
         shutdown: Shutdown,
     ) -> Self {
         let kill = shutdown.now.child_token();
@@ -407,6 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             kill,
             shutdown,
             is_admin,
+            services,
         }
     }
 
@@ -484,7 +506,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         Read::Failed(e) => return Close::Framing(e),
                         Read::Eof => return Close::Peer,
                     };
-                    if let Some(close) = self.handle(frame) {
+                    if let Some(close) = self.handle(frame).await {
                         return close;
                     }
                     // Handle whatever else is already readable, then write once; but read no
@@ -496,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                         match self.framed.next().now_or_never() {
                             Some(Some(Ok(f))) => {
-                                if let Some(close) = self.handle(f) {
+                                if let Some(close) = self.handle(f).await {
                                     return close;
                                 }
                             }
@@ -591,7 +613,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Handles one frame; `Some` ends the connection.
-    fn handle(&mut self, frame: Frame) -> Option<Close> {
+    async fn handle(&mut self, frame: Frame) -> Option<Close> {
         let metrics = self.engine.metrics().clone();
         match frame {
             Frame::Admin(line) => {
@@ -614,8 +636,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         return None;
                     }
                 };
-                let (cmd, ok, after) =
-                    admin::execute(&self.engine, &line, self.peer, is_admin, out);
+                let (cmd, ok, after) = admin::execute(
+                    &self.engine,
+                    &line,
+                    self.peer,
+                    is_admin,
+                    self.services.dead_letters.as_deref(),
+                    out,
+                );
                 metrics
                     .admin_commands
                     .with_label_values(&[cmd, if ok { "ok" } else { "error" }])
@@ -648,24 +676,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // NOOP, STATUS_RES, ECHO_RES, OPTION_RES or ERROR): the buffer grew or it did
                 // not. Packets from other connections are counted in push_out.
                 let before = self.framed.write_buffer().len();
-                self.dispatch(req);
+                let mut extra = 0;
+                if let Some((cache, s)) = self.dispatch(req) {
+                    extra = self.submit_cached(&cache, s).await;
+                }
                 let answered = self.framed.write_buffer().len() > before;
-                metrics.packets_out.inc_by(answered as u64);
+                metrics.packets_out.inc_by(answered as u64 + extra);
                 None
             }
         }
     }
 
-    fn dispatch(&mut self, req: Request) {
+    /// A foreground submit of a cached function: answered from the cache on a hit (JOB_CREATED
+    /// and WORK_COMPLETE, no engine, no worker), else submitted to the engine. The connection
+    /// awaits the lookup (memcached when the in-memory front misses), so its requests keep
+    /// their order. Returns the packets written beyond the one the caller counts.
+    async fn submit_cached(&mut self, cache: &crate::cache::Cache, s: Submit) -> u64 {
+        match cache.lookup(&s.function, &s.unique).await {
+            Some(result) => {
+                cache.put_hit(self.framed.write_buffer_mut(), &s, self.peer, &result);
+                1
+            }
+            None => {
+                self.engine
+                    .submit(self.id, s, self.framed.write_buffer_mut());
+                0
+            }
+        }
+    }
+
+    /// Runs one request against the engine, writing its answer. A submit the result cache may
+    /// answer is handed back instead (with the cache), for [`Connection::submit_cached`].
+    fn dispatch(&mut self, req: Request) -> Option<(Arc<crate::cache::Cache>, Submit)> {
         let id = self.id;
         let engine = &self.engine;
         let draining = self.shutdown.is_draining();
         let out = self.framed.write_buffer_mut();
         if draining && refuse_while_draining(&req, out) {
-            return;
+            return None;
         }
         if !self.perms.is_open() && refuse_by_access(&req, &self.perms, engine, out) {
-            return;
+            return None;
         }
         match req {
             Request::CanDo {
@@ -679,9 +730,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Request::CantDo { function } => engine.cant_do(id, &function),
             Request::ResetAbilities => engine.reset_abilities(id),
             Request::PreSleep => engine.pre_sleep(id, out),
-            Request::Submit(s) => {
-                engine.submit(id, s, out);
-            }
+            Request::Submit(s) => match &self.services.cache {
+                Some(c) if c.is_cacheable(&s) => return Some((c.clone(), s)),
+                _ => {
+                    engine.submit(id, s, out);
+                }
+            },
             Request::Grab(kind) => engine.grab(id, kind, out),
             Request::Work { kind, handle, body } => engine.work(id, kind, &handle, &body, out),
             Request::GetStatus { handle } => engine.get_status(&handle, out),
@@ -694,6 +748,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             },
             Request::AllYours => {}
         }
+        None
     }
 }
 

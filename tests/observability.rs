@@ -1076,7 +1076,7 @@ fn alert_rules_check_and_every_alert_has_firing_and_quiet_tests() {
         assert!(firing.contains_key(&name), "no test fires {name}");
         assert!(quiet.contains_key(&name), "no test shows {name} quiet");
     }
-    assert_eq!(alert_names().len(), 13);
+    assert_eq!(alert_names().len(), 14);
 }
 
 /// Outcome counters carry the job's priority and mode, like the submit counter; coalesced and

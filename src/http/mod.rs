@@ -11,6 +11,8 @@ pub mod job_metrics;
 pub mod jobs;
 mod page;
 
+mod dead_letters;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,10 +64,16 @@ impl Health {
 struct AppState {
     engine: Engine,
     health: Arc<Health>,
+    services: crate::server::Services,
 }
 
 /// The HTTP routes.
-pub fn router(engine: Engine, health: Arc<Health>, jobs: jobs::Settings) -> Router {
+pub fn router(
+    engine: Engine,
+    health: Arc<Health>,
+    jobs: jobs::Settings,
+    services: crate::server::Services,
+) -> Router {
     let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs);
     Router::new()
         .route("/metrics", get(metrics))
@@ -73,9 +81,11 @@ pub fn router(engine: Engine, health: Arc<Health>, jobs: jobs::Settings) -> Rout
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .merge(page::routes())
+        .merge(dead_letters::routes())
         .with_state(AppState {
             engine: engine.clone(),
             health,
+            services,
         })
         .merge(schedules::routes(engine))
         .merge(jobs::routes(submission))
@@ -89,10 +99,11 @@ pub async fn serve(
     engine: Engine,
     health: Arc<Health>,
     jobs: jobs::Settings,
+    services: crate::server::Services,
     more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(engine, health, jobs).merge(more);
+    let app = router(engine, health, jobs, services).merge(more);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
