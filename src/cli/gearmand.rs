@@ -132,6 +132,11 @@ pub fn overrides(a: &ServeArgs) -> Result<(Vec<Override>, Vec<String>), CliError
         a.threads.map(|v| v.to_string()),
     );
     put("persistence.memcached", "--memcached", a.memcached.clone());
+    put(
+        "persistence.takeover_after_s",
+        "--takeover-after",
+        a.takeover_after.map(|v| v.to_string()),
+    );
     put("server.pid_file", "-P/--pid-file", a.pid_file.clone());
     put("server.user", "-u/--user", a.user.clone());
     put(
