@@ -418,7 +418,6 @@ impl Persistence {
         &self,
         engine: &Engine,
     ) -> Result<HashMap<String, HashSet<u64>>, PersistError> {
-        self.release_own_takeover_lock().await?;
         let s = &self.settings;
         let started = Instant::now();
         let mut cl = recovery::Cluster::open(s).await;
@@ -427,6 +426,9 @@ impl Persistence {
             self.mirror
                 .set_node_state(i, id.ok_or_else(|| cl.why[i].clone()));
         }
+        // Unreachable nodes are reported by the cluster check, with its advice.
+        cl.check_readable(s.replicas)?;
+        self.release_own_takeover_lock().await?;
         let mut origins: HashMap<String, HashSet<u64>> = HashMap::new();
         let mut restored = 0usize;
         let mut scan = recovery::RangeScan::begin(&mut cl, s, &s.node_id, "recovery").await?;
