@@ -245,7 +245,7 @@ impl Liveness {
 
     /// Adds this node to the registry if it is missing; false when it could not (yet).
     async fn register(&self, known: &[String]) -> bool {
-        if known.iter().any(|n| *n == self.node_id) {
+        if known.contains(&self.node_id) {
             return true;
         }
         let lock_key = Kv::key(&self.namespace, &["nodes", "lock"]);
@@ -452,10 +452,13 @@ impl Liveness {
     /// Takes `node`'s queue over if it holds jobs and no one else has its lock.
     async fn take_over(&self, mover: &Mover, engine: &Engine, node: &str, already: &HashSet<u64>) {
         let lock_key = record::takeover_key(&self.namespace, node);
-        match self.kv.get(&lock_key).await {
+        let again = match self.kv.get(&lock_key).await {
             Ok(Some(v)) => {
                 let (owner, done) = takeover::parse_lock(&v);
-                if done || owner != self.node_id {
+                if owner != self.node_id {
+                    // Only the lock's owner acts on it: two servers deleting and re-claiming
+                    // a lock could both win. (An owner that died half-way resumes when it
+                    // restarts; README: the operator's way out if it never does.)
                     if lock(&self.state).logged_owner.insert(node.to_string()) && !done {
                         tracing::info!(
                             "node {node}'s lease lapsed; node {owner} is taking its queue over"
@@ -463,19 +466,30 @@ impl Liveness {
                     }
                     return;
                 }
-                // Our own unfinished takeover (this server restarted half-way): resume it.
+                // Ours: unfinished (this server restarted half-way: resume it), or done and
+                // the node has queued jobs again since (it came back fenced and died).
+                done
             }
-            Ok(None) => {}
+            Ok(None) => false,
             Err(_) => return,
-        }
+        };
         let mut cl = Cluster::open(&mover.settings).await;
         let range = match cl.watermarks(&self.namespace, node).await {
             Ok(r) => r,
             Err(_) => return,
         };
         drop(cl);
-        if !range.is_some_and(|(lo, hi)| lo <= hi) {
+        if range.is_none_or(|(lo, hi)| lo > hi) {
             lock(&self.state).empty.insert(node.to_string());
+            return;
+        }
+        if again
+            && self
+                .kv
+                .set(&lock_key, self.node_id.as_bytes(), 0)
+                .await
+                .is_err()
+        {
             return;
         }
         let span = tracing::info_span!(
