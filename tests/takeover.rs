@@ -24,6 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 const FUNC: &str = "takeover-fn";
 
+/// The tests of this file run one at a time: each measures how fast a queue moves against a
+/// deadline, and two of them at once on a small machine measure each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `BinServer::start`, tried again when the server exits at once (a parallel test took a port
 /// the harness had picked).
 fn start_retrying(args: &[&str], env: &[(&str, &str)]) -> BinServer {
@@ -207,6 +211,7 @@ fn memcached_list(nodes: &[&Memcached]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_servers_queue_runs_on_its_peer_within_takeover_after_plus_10_s() {
+    let _serial = SERIAL.lock().await;
     let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start(128, &["-M"])).collect();
     let list = memcached_list(&ms.iter().collect::<Vec<_>>());
     let takeover_after = 3;
@@ -370,6 +375,7 @@ fn socket_of(pid: u32, port: u16, remote: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_cut_off_from_memcached_fences_and_never_runs_what_its_peer_took() {
+    let _serial = SERIAL.lock().await;
     let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start(64, &["-M"])).collect();
     let mut proxies = Vec::new();
     for m in &ms {
@@ -506,6 +512,7 @@ async fn a_server_cut_off_from_memcached_fences_and_never_runs_what_its_peer_too
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_warns_about_a_queue_that_no_live_server_owns() {
+    let _serial = SERIAL.lock().await;
     let m1 = Memcached::start(64, &["-M"]);
     let m2 = Memcached::start(64, &["-M"]);
     let list = memcached_list(&[&m1, &m2]);

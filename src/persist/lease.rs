@@ -24,8 +24,12 @@
 //! Watching: every renewal a separate task reads the registry and the other nodes' leases; a
 //! node whose lease has been missing for `takeover_after_s` (timed here, from the first tick
 //! that found it missing) and whose watermarks show a non-empty queue is taken over through
-//! [`super::takeover::run`], whose lock lets exactly one peer do it. Renewal and watching are
-//! separate tasks so a long takeover never delays this server's own renewals.
+//! [`super::takeover::run`], whose lock lets exactly one peer do it.
+//!
+//! Renewal, the fence check and watching are three tasks: a renewal stuck on a memcached that
+//! accepts connections but never answers does not delay the fence check (and is never cancelled
+//! half-way, which would desynchronise its connection), and a long takeover does not delay
+//! renewals.
 //!
 //! Fencing only happens when `takeover_after_s` > 0: with takeovers off (on every server of the
 //! namespace, as they should agree) nobody can run a cut-off server's jobs, and holding them
@@ -206,11 +210,21 @@ pub fn parse_registry(v: &[u8]) -> Vec<String> {
 impl Liveness {
     /// The leases of the server `s` describes; metrics registered on `registry`. No I/O yet.
     pub fn new(s: &Settings, kv: Arc<Kv>, registry: &Registry) -> Arc<Liveness> {
+        let timing = Timing::new(s.takeover_after_s, s.lease_renew_ms);
+        // Copies are written one node after the other: a node that hangs costs a full timeout.
+        let slowest = s.write_timeout * s.replicas as u32;
+        if timing.takeover_after.is_some() && slowest >= timing.fence_after {
+            tracing::warn!(
+                "a renewal can take {} ms when a memcached node hangs (persistence.write_timeout_ms x replicas), longer than the {} ms after which this server fences itself: one hung node would fence a healthy server; raise persistence.takeover_after_s or lease_renew_ms, or lower write_timeout_ms",
+                slowest.as_millis(),
+                timing.fence_after.as_millis()
+            );
+        }
         Arc::new(Liveness {
             kv,
             namespace: s.namespace.clone(),
             node_id: s.node_id.clone(),
-            timing: Timing::new(s.takeover_after_s, s.lease_renew_ms),
+            timing,
             metrics: LeaseMetrics::new(registry),
             state: Mutex::new(State {
                 // Recovery runs before the first renewal: count from start-up.
@@ -282,46 +296,54 @@ impl Liveness {
         ok
     }
 
-    /// One renewal, bounded by the renewal interval (a memcached that accepts connections but
-    /// never answers must not hold the fence check back).
+    /// One renewal, awaited to its end (the store's own timeout bounds it): cancelling a
+    /// memcached exchange half-way would leave its reply to be read as the next one's.
     async fn renew_once(&self) -> bool {
         let sent = Instant::now();
         let value = unix_now().as_millis().to_string();
         let key = lease_key(&self.namespace, &self.node_id);
-        let stored = tokio::time::timeout(
-            self.timing.renew,
-            self.kv.set(&key, value.as_bytes(), self.timing.ttl_s),
-        )
-        .await;
-        match stored {
-            Ok(Ok(_)) => {
+        match self.kv.set(&key, value.as_bytes(), self.timing.ttl_s).await {
+            Ok(_) => {
                 lock(&self.state).renewed_at = Some(sent);
                 true
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.metrics.renew_failures.inc();
                 tracing::debug!("lease renewal failed: {e}");
-                false
-            }
-            Err(_) => {
-                self.metrics.renew_failures.inc();
-                tracing::debug!("lease renewal timed out");
                 false
             }
         }
     }
 
-    /// Fences after `fence_after` without a renewal; unfences after a renewal unless a peer
-    /// took this server's queue over.
-    async fn fence_or_unfence(&self, engine: &Engine, renewed: bool) {
-        if self.timing.takeover_after.is_none() {
-            return;
+    /// Renews the lease every `renew` interval until `shutdown` (a renewal that outlasts the
+    /// interval delays the next one).
+    async fn renew_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.timing.renew);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.renew_once() => {}
+            }
         }
+    }
+
+    /// Fences after `fence_after` without a renewal; unfences once renewals succeed again,
+    /// unless a peer took this server's queue over. Returns whether the lease is fresh.
+    async fn fence_or_unfence(&self, engine: &Engine) -> bool {
         let (fenced, since) = {
             let st = lock(&self.state);
             (st.fenced, st.renewed_at.map(|t| t.elapsed()))
         };
-        if !fenced && !renewed && since.is_some_and(|s| s >= self.timing.fence_after) {
+        let fresh = since.is_some_and(|s| s < self.timing.fence_after);
+        if self.timing.takeover_after.is_none() {
+            return fresh;
+        }
+        if !fenced && !fresh {
             engine.set_fenced(true);
             self.metrics.fenced.set(1);
             lock(&self.state).fenced = true;
@@ -330,10 +352,10 @@ impl Liveness {
                 "fenced: no lease renewal reached memcached for {:.1} s; durable jobs are held back so that a peer taking this queue over does not run them twice (memory-only jobs still run)",
                 since.unwrap_or_default().as_secs_f64()
             );
-            return;
+            return false;
         }
-        if !(fenced && renewed) {
-            return;
+        if !(fenced && fresh) {
+            return fresh;
         }
         let lock_key = record::takeover_key(&self.namespace, &self.node_id);
         match self.kv.get(&lock_key).await {
@@ -363,16 +385,20 @@ impl Liveness {
             // Cannot tell yet: stay fenced until it can be read.
             Err(_) => {}
         }
+        fresh
     }
 
-    /// Renews every `renew` interval until `shutdown`: the lease, the registry entry, fencing.
+    /// Renews the lease (in its own task) and checks fencing every `renew` interval until
+    /// `shutdown`; registers this node once the lease is fresh. The check never waits on a
+    /// renewal, so a memcached that stops answering fences the server on time.
     pub async fn renew_forever(
         self: Arc<Self>,
         engine: Engine,
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(self.timing.renew);
+        tokio::spawn(self.clone().renew_loop(shutdown.clone()));
+        let mut tick = tokio::time::interval(self.timing.renew / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut registered = false;
         loop {
@@ -380,9 +406,8 @@ impl Liveness {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let renewed = self.renew_once().await;
-            self.fence_or_unfence(&engine, renewed).await;
-            if renewed && !registered {
+            let fresh = self.fence_or_unfence(&engine).await;
+            if fresh && !registered {
                 if let Ok(ids) = self.registry().await {
                     registered = self.register(&ids).await;
                 }
