@@ -166,6 +166,25 @@ async fn status(http: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&s).unwrap()
 }
 
+/// Waits until `/api/v1/status` lists takeover `i` (of `node`, with `jobs` jobs): it is
+/// recorded once the move is complete, while the first moved jobs may already run. Returns the
+/// status.
+async fn takeover_shown(http: SocketAddr, i: usize, node: &str, jobs: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status(http).await;
+        let t = &st["takeovers"][i];
+        if !t.is_null() {
+            assert_eq!(t["node"], node, "{st}");
+            assert_eq!(t["jobs"], jobs, "{st}");
+            assert!(t["at"].as_u64().is_some(), "{st}");
+            return st;
+        }
+        assert!(Instant::now() < deadline, "takeover {i} not shown: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `cond` holds, at most `t`; panics with `what` (and `log`) after.
 async fn eventually<F, Fut>(what: &str, t: Duration, log: impl Fn() -> String, mut cond: F)
 where
@@ -267,9 +286,7 @@ async fn a_killed_servers_queue_runs_on_its_peer_within_takeover_after_plus_10_s
         log.contains(&format!("took over node node-a: {n} jobs now run here")),
         "{log}"
     );
-    let st = status(b.http_addr()).await;
-    assert_eq!(st["takeovers"][0]["node"], "node-a", "{st}");
-    assert_eq!(st["takeovers"][0]["jobs"], n, "{st}");
+    let st = takeover_shown(b.http_addr(), 0, "node-a", n).await;
     assert_eq!(st["lease"]["fenced"], false, "{st}");
     let http = b.http_addr();
     assert_eq!(
@@ -467,14 +484,34 @@ async fn a_server_cut_off_from_memcached_fences_and_never_runs_what_its_peer_too
         "{log}"
     );
     assert!(log.contains("staying fenced: node cut-b took"), "{log}");
-    let st = status(b_http).await;
-    assert_eq!(st["takeovers"][0]["node"], "cut-a", "{st}");
-    assert_eq!(st["takeovers"][0]["jobs"], n, "{st}");
+    takeover_shown(b_http, 0, "cut-a", n).await;
+
+    // Jobs cut-a accepts while it stays fenced wait there; if it dies before anyone restarts
+    // it, cut-b (the owner of its completed takeover lock) takes them over too.
+    submit_all(a.addr(), n..n + 5, 1).await;
+    let r = ran_b.clone();
+    let late = (n..n + 5).map(|id| format!("job-{id}")).collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ran_a.distinct(), 0, "cut-a ran jobs while fenced");
+    a.kill9();
+    eventually(
+        "cut-b to take over the jobs cut-a accepted while fenced",
+        Duration::from_secs(takeover_after as u64 + 10),
+        || b.log_text(),
+        || {
+            let (r, late) = (r.clone(), late.clone());
+            async move {
+                let seen = r.snapshot();
+                late.iter().all(|j| seen.contains_key(j))
+            }
+        },
+    )
+    .await;
+    takeover_shown(b_http, 1, "cut-a", 5).await;
 
     // The way out is a restart: cut-a comes back with an empty queue, unfenced, and takes
     // new work again.
     ran_a.stop.store(true, Ordering::SeqCst);
-    a.kill9();
     let a = start("cut-a", &list, takeover_after, &[]).await;
     let log = a.log_text();
     assert!(
@@ -485,7 +522,7 @@ async fn a_server_cut_off_from_memcached_fences_and_never_runs_what_its_peer_too
     assert_eq!(metric(a_http, "gearhouse_fenced", "").await, 0.0);
     let ran_a2 = Arc::new(Ran::default());
     let _wa2 = workers(a.addr(), 1, &ran_a2);
-    submit_all(a.addr(), n..n + 10, 1).await;
+    submit_all(a.addr(), n + 5..n + 15, 1).await;
     let r = ran_a2.clone();
     eventually(
         "the restarted cut-a to run new jobs",
@@ -498,7 +535,7 @@ async fn a_server_cut_off_from_memcached_fences_and_never_runs_what_its_peer_too
     )
     .await;
     assert_eq!(
-        check_none_lost("after the restart", n..n + 10, &ran_a2.snapshot()),
+        check_none_lost("after the restart", n + 5..n + 15, &ran_a2.snapshot()),
         0
     );
     assert_eq!(
