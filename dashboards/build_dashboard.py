@@ -289,6 +289,13 @@ stat("Recovery duration", "How long the last start-up recovery took",
      [("max(gearhouse_recovery_duration_seconds)", "duration")], unit="s", w=6)
 stat("Recovery failed", "1 while start-up recovery cannot complete (memcached unreachable)",
      [("max(gearhouse_recovery_failed)", "failed")], red_at=1, w=6)
+# Automatic takeover (persist::lease): fencing, takeovers, lease renewals.
+stat("Fenced", "Servers holding their durable jobs back: no lease renewal reached memcached, or a peer took their queue over (restart them)",
+     [("sum(gearhouse_fenced)", "fenced")], red_at=1, w=6)
+timeseries("Takeovers", "Automatic takeovers of a dead node's queue by result (moved, lost_claim: another server won the lock, failed), jobs moved, and lease renewals that failed",
+           [(f"sum by (result) (increase(gearhouse_takeovers_total[{R}]))", "takeovers {{result}}"),
+            (f"sum(increase(gearhouse_takeover_jobs_total[{R}]))", "jobs moved"),
+            (f"sum by (instance) (increase(gearhouse_lease_renew_failures_total[{R}]))", "renew failures {{instance}}")], w=18)
 
 # ---- Schedules
 row("Schedules")

@@ -174,6 +174,10 @@ pub struct PersistenceSection {
     pub max_pending_writes: usize,
     pub recover_from_node: String,
     pub repair_interval_ms: u64,
+    /// Seconds a peer's lease must be missing before its queue is taken over; 0 = off.
+    pub takeover_after_s: u64,
+    /// Lease renewal interval; 0 = takeover_after_s / 5.
+    pub lease_renew_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]

@@ -130,6 +130,11 @@ pub fn overrides(a: &ServeArgs) -> Result<(Vec<Override>, Vec<String>), CliError
         a.threads.map(|v| v.to_string()),
     );
     put("persistence.memcached", "--memcached", a.memcached.clone());
+    put(
+        "persistence.takeover_after_s",
+        "--takeover-after",
+        a.takeover_after.map(|v| v.to_string()),
+    );
     put("server.pid_file", "-P/--pid-file", a.pid_file.clone());
     put("server.tls_cert", "--tls-cert", a.tls_cert.clone());
     put("server.tls_key", "--tls-key", a.tls_key.clone());

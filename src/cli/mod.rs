@@ -154,6 +154,10 @@ pub struct ServeArgs {
     /// memcached nodes for the durable queue, host:port[,host:port...] [persistence.memcached].
     #[arg(long)]
     pub memcached: Option<String>,
+    /// Seconds a peer's lease must be missing before this server takes its queue over; 0 = off
+    /// [persistence.takeover_after_s].
+    #[arg(long, value_name = "SECONDS")]
+    pub takeover_after: Option<u64>,
     /// File the process id is written to, removed at exit [server.pid_file].
     #[arg(short = 'P', long)]
     pub pid_file: Option<String>,

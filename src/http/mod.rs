@@ -39,6 +39,8 @@ pub struct Health {
     not_durable: Mutex<Option<String>>,
     /// Extra JSON (memcached nodes and their state) provided by the persistence layer.
     persistence: Mutex<Option<serde_json::Value>>,
+    /// This node's lease and the takeovers it did (`lease`, `takeovers`), from persist::lease.
+    takeover: Mutex<Option<(serde_json::Value, serde_json::Value)>>,
 }
 
 impl Health {
@@ -57,6 +59,10 @@ impl Health {
 
     pub fn set_persistence_status(&self, v: serde_json::Value) {
         *self.persistence.lock().expect("health lock") = Some(v);
+    }
+
+    pub fn set_takeover_status(&self, lease: serde_json::Value, takeovers: serde_json::Value) {
+        *self.takeover.lock().expect("health lock") = Some((lease, takeovers));
     }
 }
 
@@ -206,6 +212,13 @@ fn status_json(s: &AppState) -> serde_json::Value {
         .collect();
     let t = s.engine.totals();
     let persistence = s.health.persistence.lock().expect("health lock").clone();
+    let (lease, takeovers) = s
+        .health
+        .takeover
+        .lock()
+        .expect("health lock")
+        .clone()
+        .unzip();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node_id": s.engine.config().node_id,
@@ -217,5 +230,7 @@ fn status_json(s: &AppState) -> serde_json::Value {
         "counts": counts.total(),
         "functions": functions,
         "persistence": persistence.unwrap_or(serde_json::json!({ "enabled": false })),
+        "lease": lease,
+        "takeovers": takeovers.unwrap_or(serde_json::json!([])),
     })
 }

@@ -10,6 +10,7 @@
 //! - [`kv`]: a replicated key-value store for the server's own state (settings, schedules,
 //!   dead letters, cached results, leases).
 //! - [`takeover`]: moving a dead node's queue into this server, once.
+//! - [`lease`]: leases in memcached, fencing, and automatic takeover of dead peers.
 //! - [`metrics`]: the `gearhouse_memcached_*` and recovery metrics.
 //!
 //! Start-up recovery runs in a `gearhouse.recovery` span (node id, nodes, jobs, attempts)
@@ -20,6 +21,7 @@
 
 pub mod client;
 pub mod kv;
+pub mod lease;
 pub mod metrics;
 pub mod mirror;
 pub mod record;
@@ -27,7 +29,7 @@ pub mod recovery;
 pub mod ring;
 pub mod takeover;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -75,6 +77,10 @@ pub struct Settings {
     pub max_pending_writes: usize,
     pub recover_from_node: String,
     pub repair_interval: Duration,
+    /// Seconds a peer's lease must be missing before its queue is taken over; 0 = never.
+    pub takeover_after_s: u64,
+    /// Lease renewal interval in ms; 0 = derived from `takeover_after_s`.
+    pub lease_renew_ms: u64,
 }
 
 fn check_key_part(what: &str, v: &str) -> Result<(), PersistError> {
@@ -159,6 +165,8 @@ impl Settings {
             max_pending_writes: p.max_pending_writes.max(1),
             recover_from_node: p.recover_from_node.clone(),
             repair_interval: Duration::from_millis(p.repair_interval_ms.max(50)),
+            takeover_after_s: p.takeover_after_s,
+            lease_renew_ms: p.lease_renew_ms,
         })
     }
 }
@@ -179,6 +187,8 @@ pub struct Persistence {
     pub settings: Settings,
     mirror: MemcachedMirror,
     metrics: Arc<metrics::PersistMetrics>,
+    kv: Arc<kv::Kv>,
+    liveness: Arc<lease::Liveness>,
 }
 
 impl Persistence {
@@ -186,10 +196,14 @@ impl Persistence {
     pub fn new(settings: Settings, registry: &prometheus::Registry) -> Persistence {
         let metrics = Arc::new(metrics::PersistMetrics::new(registry));
         let mirror = MemcachedMirror::new(settings.clone(), metrics.clone());
+        let kv = Arc::new(kv::Kv::from_settings(&settings));
+        let liveness = lease::Liveness::new(&settings, kv.clone(), registry);
         Persistence {
             settings,
             mirror,
             metrics,
+            kv,
+            liveness,
         }
     }
 
@@ -202,9 +216,20 @@ impl Persistence {
         &self.mirror
     }
 
-    /// Recovers the queue into `engine` (retrying while memcached is unreachable), starts the
-    /// writer, prober and repair tasks, then takes over `recover_from_node` if configured.
-    /// Returns once the server may accept clients.
+    /// What a takeover task needs.
+    fn mover(&self) -> takeover::Mover {
+        takeover::Mover {
+            settings: self.settings.clone(),
+            mirror: self.mirror.clone(),
+            metrics: self.metrics.clone(),
+            kv: self.kv.clone(),
+        }
+    }
+
+    /// Starts renewing this node's lease, recovers the queue into `engine` (retrying while
+    /// memcached is unreachable), starts the writer, prober and repair tasks, takes over
+    /// `recover_from_node` if configured, warns about queues nobody owns, and starts watching
+    /// the peers' leases. Returns once the server may accept clients.
     pub async fn start(
         &self,
         engine: &Engine,
@@ -221,6 +246,12 @@ impl Persistence {
             "persistence on: background jobs are acknowledged only after memcached stored {}; recovering the queue before accepting clients",
             copies(s.replicas)
         );
+        // The lease is held from the start: a long recovery must not look like a dead node.
+        tokio::spawn(self.liveness.clone().renew_forever(
+            engine.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
         let span = tracing::info_span!(
             "gearhouse.recovery",
             node_id = %s.node_id,
@@ -241,11 +272,13 @@ impl Persistence {
                 into_node = %s.node_id,
             );
             loop {
-                match takeover::run(self, engine, &origins)
+                let none = HashSet::new();
+                let already = origins.get(&s.recover_from_node).unwrap_or(&none);
+                match takeover::run(&self.mover(), engine, &s.recover_from_node, already)
                     .instrument(span.clone())
                     .await
                 {
-                    Ok(()) => break,
+                    Ok(_) => break,
                     Err(e) => {
                         tracing::error!("taking over node {}: {e}", s.recover_from_node);
                         tokio::select! {
@@ -257,6 +290,91 @@ impl Persistence {
             }
         }
         health.set_persistence_status(self.mirror.status_json());
+        self.warn_about_unowned_queues().await;
+        tokio::spawn(self.liveness.clone().watch_forever(
+            self.mover(),
+            engine.clone(),
+            origins,
+            health,
+            shutdown,
+        ));
+        Ok(())
+    }
+
+    /// At start-up (issue 10): a warning for each other node id of the namespace whose queue
+    /// holds jobs while no live server renews its lease, with what will or can move them.
+    async fn warn_about_unowned_queues(&self) {
+        let s = &self.settings;
+        let Ok(ids) = self.liveness.registry().await else {
+            return;
+        };
+        let mut cl: Option<recovery::Cluster> = None;
+        for id in ids.iter().filter(|i| **i != s.node_id) {
+            if self.liveness.is_live(id).await.unwrap_or(true) {
+                continue;
+            }
+            if let Ok(Some(v)) = self.kv.get(&record::takeover_key(&s.namespace, id)).await {
+                if takeover::parse_lock(&v).1 {
+                    continue;
+                }
+            }
+            if cl.is_none() {
+                cl = Some(recovery::Cluster::open(s).await);
+            }
+            let Some(c) = cl.as_mut() else { continue };
+            let Ok(Some((low, high))) = c.watermarks(&s.namespace, id).await else {
+                continue;
+            };
+            if low > high {
+                continue;
+            }
+            match self.liveness.timing().takeover_after {
+                Some(after) => tracing::warn!(
+                    node = %id,
+                    low,
+                    high,
+                    "memcached holds queued jobs of node {id} (sequence numbers {low}..={high}) and no live server renews its lease: automatic takeover moves them to this server or a peer once the lease has been missing for {} s (persistence.takeover_after_s), unless node {id} comes back first",
+                    after.as_secs()
+                ),
+                None => tracing::warn!(
+                    node = %id,
+                    low,
+                    high,
+                    "memcached holds queued jobs of node {id} (sequence numbers {low}..={high}) and no live server renews its lease; automatic takeover is off (persistence.takeover_after_s = 0): move them with `gearhouse recover --from-node {id} --memcached {} --server <this server's address>`, or start this server with persistence.recover_from_node = \"{id}\"",
+                    s.nodes.join(",")
+                ),
+            }
+        }
+    }
+
+    /// At start-up, this node's own takeover lock: a completed one is deleted (a peer moved the
+    /// queue while this server was away; what is left is ours again and the next takeover must
+    /// be possible); one in progress by a live peer makes recovery wait (an error: retried).
+    async fn release_own_takeover_lock(&self) -> Result<(), PersistError> {
+        let s = &self.settings;
+        let key = record::takeover_key(&s.namespace, &s.node_id);
+        let unreachable = |e: kv::KvError| {
+            PersistError::Unreachable(format!("reading this node's takeover lock: {e}"))
+        };
+        let Some(v) = self.kv.get(&key).await.map_err(unreachable)? else {
+            return Ok(());
+        };
+        let (owner, done) = takeover::parse_lock(&v);
+        if !done && self.liveness.is_live(&owner).await.map_err(unreachable)? {
+            return Err(PersistError::Recovery(format!(
+                "node {owner} is taking this node's queue over; recovery waits until it is done"
+            )));
+        }
+        if done {
+            tracing::warn!(
+                "node {owner} took this node's queue over while it was away; recovering what is left"
+            );
+        } else {
+            tracing::warn!(
+                "{owner} started taking this node's queue over and stopped (no lease): recovering the queue; jobs it copied but did not delete yet may run twice"
+            );
+        }
+        self.kv.delete(&key).await.map_err(unreachable)?;
         Ok(())
     }
 
@@ -266,7 +384,7 @@ impl Persistence {
         engine: &Engine,
         health: &Health,
         shutdown: &CancellationToken,
-    ) -> Result<HashSet<u64>, PersistError> {
+    ) -> Result<HashMap<String, HashSet<u64>>, PersistError> {
         let s = &self.settings;
         let mut attempt = 0u32;
         loop {
@@ -294,9 +412,12 @@ impl Persistence {
         }
     }
 
-    /// One recovery attempt. Returns the origins (sequence numbers on
-    /// `recover_from_node`) of jobs already taken over.
-    async fn recover(&self, engine: &Engine) -> Result<HashSet<u64>, PersistError> {
+    /// One recovery attempt. Returns the origins (node id and sequence numbers there) of jobs
+    /// already taken over, so a takeover interrupted by a crash does not move them twice.
+    async fn recover(
+        &self,
+        engine: &Engine,
+    ) -> Result<HashMap<String, HashSet<u64>>, PersistError> {
         let s = &self.settings;
         let started = Instant::now();
         let mut cl = recovery::Cluster::open(s).await;
@@ -305,7 +426,10 @@ impl Persistence {
             self.mirror
                 .set_node_state(i, id.ok_or_else(|| cl.why[i].clone()));
         }
-        let mut origins = HashSet::new();
+        // Unreachable nodes are reported by the cluster check, with its advice.
+        cl.check_readable(s.replicas)?;
+        self.release_own_takeover_lock().await?;
+        let mut origins: HashMap<String, HashSet<u64>> = HashMap::new();
         let mut restored = 0usize;
         let mut scan = recovery::RangeScan::begin(&mut cl, s, &s.node_id, "recovery").await?;
         let (mut read_time, mut restore_time) = (Duration::ZERO, Duration::ZERO);
@@ -323,10 +447,8 @@ impl Persistence {
             self.mirror.note_recovered(&marks);
             let mut records = Vec::with_capacity(found.len());
             for f in found {
-                if let Some((node, seq)) = &f.origin {
-                    if *node == s.recover_from_node {
-                        origins.insert(*seq);
-                    }
+                if let Some((node, seq)) = f.origin {
+                    origins.entry(node).or_default().insert(seq);
                 }
                 records.push(f.record);
             }
@@ -363,10 +485,6 @@ impl Persistence {
             );
         }
         Ok(origins)
-    }
-
-    fn metrics_recovered(&self, n: u64) {
-        self.metrics.recovered.inc_by(n);
     }
 
     /// Waits for in-flight writes (at shutdown), then releases the engine.

@@ -1,8 +1,12 @@
-//! Taking over a dead node's queue (`persistence.recover_from_node`), once and without
-//! duplicates.
+//! Taking over a dead node's queue, once and without duplicates: at start-up
+//! (`persistence.recover_from_node`) or automatically, when the node's lease lapsed
+//! ([`super::lease`]).
 //!
 //! 1. A lock key (`<ns>:<dead>:takeover`, stored with memcached's add) names the server doing
-//!    it; another server finding someone else's name leaves the queue alone.
+//!    it; another server finding someone else's name leaves the queue alone. When the move is
+//!    complete the value becomes `<owner> done`: the dead node, restarting, deletes it (its
+//!    queue starts again from what is left) and a node cut off from memcached that comes back
+//!    learns from it that its queue is no longer its own.
 //! 2. The dead node's records are read like a recovery. Each becomes a job of this server: it
 //!    is written under this node's keys with `replicas` copies (the copy remembers its origin:
 //!    dead node id and sequence number), put in the engine, and only then is the dead node's
@@ -10,31 +14,80 @@
 //! 3. If this server dies half-way, its own recovery finds the copies with their origins, and
 //!    the next takeover run skips those records (deleting them): no job is moved twice.
 //!
-//! Jobs get new handles (`H:<this node>:<n>`); function, unique, priority, epoch, reducer and
-//! attempts are kept, so coalescing on the unique works against the moved jobs.
+//! Jobs get new handles (`H:<this node>:<n>`): the engine makes handles from its own node id and
+//! sequence numbers. Function, unique, priority, epoch, reducer and attempts are kept, so
+//! coalescing on the unique and `GET_STATUS_UNIQUE` work against the moved jobs.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::Instrument;
 
+use super::kv::Kv;
+use super::metrics::PersistMetrics;
 use super::record;
 use super::recovery::{Cluster, RangeScan};
 use super::ring::Ring;
-use super::{PersistError, Persistence};
+use super::{MemcachedMirror, PersistError, Settings};
 use crate::client::{with_timeout, ClientError, Connection, Job};
 use crate::engine::Engine;
 
 /// Takeover copies in flight at once.
 const WAVE: usize = 2_000;
 
+/// The suffix of a takeover lock's value once the move is complete.
+pub const DONE: &str = " done";
+
+/// Sequence numbers skipped before a wave's range: submits that take a number between
+/// reading the next one and reserving the range land in this gap, never in the range.
+const RESERVE_GAP: u64 = 4096;
+
+/// Reserves `n` sequence numbers for moved jobs while the server takes submits: later submits
+/// get numbers above the range (the engine raises its next number to the range's end).
+fn reserve_seqs(engine: &Engine, n: usize) -> u64 {
+    let first = engine.next_seq() + RESERVE_GAP;
+    engine.restore(Vec::new(), first + n as u64);
+    first
+}
+
+/// What a takeover inside this server needs (cheap to clone into a background task).
+#[derive(Clone)]
+pub struct Mover {
+    pub(super) settings: Settings,
+    pub(super) mirror: MemcachedMirror,
+    pub(super) metrics: Arc<PersistMetrics>,
+    pub(super) kv: Arc<Kv>,
+}
+
+/// How a takeover run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// This server holds the lock and moved the queue (`moved` new jobs; `skipped` records had
+    /// been moved by an earlier, interrupted run).
+    Moved { moved: u64, skipped: u64 },
+    /// Another server holds (or completed) the lock: its value.
+    OwnedBy(String),
+}
+
+/// Whether a takeover lock value says the move is complete, and by whom.
+pub fn parse_lock(v: &[u8]) -> (String, bool) {
+    let s = String::from_utf8_lossy(v);
+    match s.strip_suffix(DONE) {
+        Some(owner) => (owner.to_string(), true),
+        None => (s.into_owned(), false),
+    }
+}
+
+/// Moves node `from`'s queue into `engine` unless another server holds its lock. `already`:
+/// sequence numbers on `from` of jobs this server moved before (found by its recovery).
 pub(super) async fn run(
-    p: &Persistence,
+    p: &Mover,
     engine: &Engine,
+    from: &str,
     already: &HashSet<u64>,
-) -> Result<(), PersistError> {
+) -> Result<Outcome, PersistError> {
     let s = &p.settings;
-    let from = s.recover_from_node.as_str();
     let mut cl = Cluster::open(s).await;
     let lock = record::takeover_key(&s.namespace, from);
     let ring = Ring::new(&s.nodes);
@@ -43,16 +96,16 @@ pub(super) async fn run(
             "not taking over node {from}: its queue is being or was taken over by {owner} (memcached key {})",
             String::from_utf8_lossy(&lock)
         );
-        return Ok(());
+        return Ok(Outcome::OwnedBy(owner));
     }
     let mut done: HashSet<u64> = already.clone();
     let mut scan = RangeScan::begin(&mut cl, s, from, "takeover").await?;
     let (mut moved, mut skipped) = (0u64, 0u64);
     while let Some(found) = scan.next(&mut cl, s).await? {
+        let mut next = reserve_seqs(engine, found.len());
         for wave in found.chunks(WAVE) {
             let mut old_keys: Vec<Bytes> = Vec::with_capacity(wave.len());
             let mut waiting = Vec::with_capacity(wave.len());
-            let mut next = engine.next_seq();
             for f in wave {
                 let old = f.record.seq;
                 if done.contains(&old) {
@@ -63,9 +116,7 @@ pub(super) async fn run(
                 let mut r = f.record.clone();
                 r.seq = next;
                 next += 1;
-                let rx = p
-                    .memcached_mirror()
-                    .write_takeover(&r, &(from.to_string(), old));
+                let rx = p.mirror.write_takeover(&r, &(from.to_string(), old));
                 waiting.push((old, r, rx));
             }
             let mut records = Vec::with_capacity(waiting.len());
@@ -79,7 +130,7 @@ pub(super) async fn run(
                     }
                     Ok(Err(e)) => {
                         // Remove whatever copies were made; the record stays on the dead node.
-                        crate::engine::Mirror::delete(p.memcached_mirror(), r.seq);
+                        crate::engine::Mirror::delete(&p.mirror, r.seq);
                         failure = Some(e.to_string());
                     }
                     Err(_) => failure = Some("the mirror stopped".to_string()),
@@ -98,14 +149,19 @@ pub(super) async fn run(
         .map(|i| record::meta_key(&s.namespace, from, i))
         .collect();
     cl.delete_keys(&metas).await;
-    p.metrics_recovered(moved);
+    p.metrics.recovered.inc_by(moved);
+    let done_value = format!("{}{DONE}", s.node_id);
+    if let Err(e) = p.kv.set(&lock, done_value.as_bytes(), 0).await {
+        // The queue is moved; only the marker is missing (the lock still names this server).
+        tracing::warn!("could not mark the takeover of node {from} complete: {e}");
+    }
     tracing::info!(
         from,
         moved,
         skipped,
         "takeover complete: {moved} jobs of node {from} moved into this server ({skipped} had been moved before)"
     );
-    Ok(())
+    Ok(Outcome::Moved { moved, skipped })
 }
 
 /// What `gearhouse recover --from-node` needs: the dead node's cluster and the running

@@ -7,7 +7,8 @@
 //! a submit's). A round with work runs in a `gearhouse.repair` span with how many jobs and
 //! copies it rewrote and on which nodes. After a full round the next one follows shortly (a
 //! node that came back empty may need a million copies: 600k were rewritten in under 5 s);
-//! otherwise once per `persistence.repair_interval_ms` or when a node comes up.
+//! otherwise once per `persistence.repair_interval_ms` or when a node comes up. Nothing is
+//! rewritten while the server is fenced (its lease lapsed: a peer may own those jobs now).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,6 +58,12 @@ pub(super) async fn repairer(inner: Arc<Inner>, shutdown: CancellationToken) {
         let Some(engine) = inner.engine() else {
             continue;
         };
+        if engine.is_fenced() {
+            // A fenced server's jobs may be a peer's by now (persist::lease): writing their
+            // copies back under this node's keys would bring them back after a restart.
+            more = false;
+            continue;
+        }
         let span = tracing::info_span!(
             "gearhouse.repair",
             jobs = tracing::field::Empty,
