@@ -604,7 +604,7 @@ async fn sampler(sh: Arc<Shared>, pid: Option<u32>) -> (Vec<Row>, Vec<(f64, clus
             }
         }
         n += 1;
-        if n % per_window == 0 || stopping {
+        if n.is_multiple_of(per_window) || stopping {
             let t = sh.counters.totals();
             let restarts = sh.counters.restarts.load(Ordering::Relaxed);
             let mut lat = std::mem::take(&mut *sh.latencies_us.lock().expect("latency lock"));
