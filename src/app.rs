@@ -136,6 +136,25 @@ struct Outcomes {
     dead_letters: Arc<crate::dead_letters::DeadLetters>,
 }
 
+/// Keeps the result cache's TTLs in step with run-time changes of `cache_ttl_s` (admin `limit`
+/// does not set it; `PUT /api/v1/functions/{name}` does).
+struct CacheTtls {
+    engine: Engine,
+    cache: Arc<crate::cache::Cache>,
+}
+
+impl crate::engine::SettingsSink for CacheTtls {
+    fn changed(&self, function: &str) {
+        let ttl = self
+            .engine
+            .function_settings(function)
+            .map_or(0, |f| f.settings.cache_ttl_s);
+        if let Err(e) = self.cache.set_ttl(function.as_bytes(), ttl) {
+            tracing::error!(function, error = %e, "cache_ttl_s changed at run time but not applied");
+        }
+    }
+}
+
 impl crate::engine::OutcomeSink for Outcomes {
     fn ended(&self, job: &crate::engine::EndedJob<'_>) {
         self.cache.ended(job);
@@ -183,6 +202,10 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
     let settings = persistence
         .as_ref()
         .map(|p| crate::functions::persist::SettingsMirror::new(&p.settings));
+    engine.set_settings_sink(Arc::new(CacheTtls {
+        engine: engine.clone(),
+        cache: cache.clone(),
+    }));
     engine.set_outcome_sink(Arc::new(Outcomes {
         cache: cache.clone(),
         dead_letters: dead_letters.clone(),

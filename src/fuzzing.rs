@@ -122,7 +122,7 @@ pub fn admin_lines(data: &[u8]) {
         for admin in [false, true] {
             let mut out = BytesMut::new();
             let line = Bytes::copy_from_slice(line);
-            let (_, _, after) = crate::admin::execute(&engine, &line, peer, admin, &mut out);
+            let (_, _, after) = crate::admin::execute(&engine, &line, peer, admin, None, &mut out);
             if let crate::admin::AfterAdmin::List(l) = after {
                 l.write_all(&engine, &mut out);
             }

@@ -1040,15 +1040,21 @@ async fn work_fail_reaches_every_waiting_client_and_ends_the_job() {
 }
 
 #[tokio::test]
-async fn submit_job_sched_is_refused_and_the_connection_stays() {
+async fn submit_job_sched_becomes_an_epoch_job_and_bad_fields_are_refused() {
     let server = TestServer::start(&[]).await;
     let mut c = server.connect().await;
     c.send(
         SUBMIT_JOB_SCHED,
-        &[b"cron", b"", b"0", b"0", b"1", b"1", b"0", b"d"],
+        &[b"cron", b"", b"0", b"0", b"1", b"1", b"", b"d"],
     )
     .await;
-    assert_eq!(c.expect(ERROR).await.arg(0), "INVALID_COMMAND");
+    c.expect(JOB_CREATED).await;
+    c.send(
+        SUBMIT_JOB_SCHED,
+        &[b"cron", b"", b"61", b"0", b"1", b"1", b"0", b"d"],
+    )
+    .await;
+    assert_eq!(c.expect(ERROR).await.arg(0), "INVALID_ARGUMENT");
     assert_quiet(&mut c).await;
     assert_eq!(c.admin("status").await, ".\n");
     server.stop().await;

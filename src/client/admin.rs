@@ -7,8 +7,8 @@
 use super::{ClientError, Connection};
 
 /// Commands whose answer is one line; every other command answers a listing ending in `.`.
-const ONE_LINE: [&str; 8] = [
-    "maxqueue", "cancel", "create", "drop", "getpid", "version", "verbose", "shutdown",
+const ONE_LINE: [&str; 9] = [
+    "maxqueue", "cancel", "create", "drop", "getpid", "version", "verbose", "shutdown", "limit",
 ];
 
 /// True when the answer to `command` is a listing that ends in a line `.`.

@@ -124,7 +124,7 @@ struct Shared {
     /// The result cache and dead-letter store, once the server has built them.
     outcomes: OnceLock<Arc<dyn OutcomeSink>>,
     /// Where run-time settings changes are reported (their memcached mirror), once built.
-    settings_sink: OnceLock<Arc<dyn SettingsSink>>,
+    settings_sinks: std::sync::RwLock<Vec<Arc<dyn SettingsSink>>>,
     limit_metrics: limits::LimitMetrics,
     /// Set while this server cannot renew its lease in memcached: its durable jobs are not
     /// handed out, since a peer may be taking them over.
@@ -393,7 +393,7 @@ impl Engine {
                 mirror,
                 observer,
                 outcomes: OnceLock::new(),
-                settings_sink: OnceLock::new(),
+                settings_sinks: Default::default(),
                 limit_metrics,
                 fenced: AtomicBool::new(false),
             }),
@@ -411,10 +411,14 @@ impl Engine {
         let _ = self.shared.outcomes.set(sink);
     }
 
-    /// Sets where run-time changes of per-function settings are reported (their memcached
-    /// mirror). Only the first call counts.
+    /// Adds a listener for run-time changes of per-function settings (their memcached mirror,
+    /// the result cache's TTLs).
     pub fn set_settings_sink(&self, sink: Arc<dyn SettingsSink>) {
-        let _ = self.shared.settings_sink.set(sink);
+        self.shared
+            .settings_sinks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sink);
     }
 
     /// Fences (true) or unfences this server's durable jobs: while fenced, workers are not

@@ -212,9 +212,15 @@ impl Engine {
         true
     }
 
-    /// Tells the settings sink that `name`'s run-time settings changed (lock released).
+    /// Tells the settings sinks that `name`'s run-time settings changed (lock released).
     pub(super) fn settings_changed(&self, name: &str) {
-        if let Some(sink) = self.shared.settings_sink.get() {
+        let sinks = self
+            .shared
+            .settings_sinks
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for sink in sinks {
             sink.changed(name);
         }
     }

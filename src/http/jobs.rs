@@ -105,6 +105,9 @@ struct Inner {
     /// none is answered 503 rather than queued: every peer is a stranger.
     slots: Semaphore,
     metrics: JobMetrics,
+    /// The result cache: a foreground job of a cached function with a unique id is answered
+    /// from it when it holds the result, as on the Gearman port.
+    cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// A job as an HTTP request describes it.
@@ -274,7 +277,12 @@ pub fn routes(jobs: Jobs) -> Router {
 
 impl Jobs {
     /// Registers the metrics on the engine's registry.
-    pub fn new(engine: Engine, health: Arc<Health>, settings: Settings) -> Jobs {
+    pub fn new(
+        engine: Engine,
+        health: Arc<Health>,
+        settings: Settings,
+        cache: Option<Arc<crate::cache::Cache>>,
+    ) -> Jobs {
         let metrics = JobMetrics::new(&engine.metrics().registry).unwrap_or_else(|e| {
             // Only a second set of routes on the same server gets here (tests): count on a
             // registry of its own rather than fail.
@@ -287,6 +295,7 @@ impl Jobs {
                 engine,
                 health,
                 settings,
+                cache,
                 metrics,
             }),
         }
@@ -310,6 +319,17 @@ impl Jobs {
         exceptions: bool,
     ) -> Result<Outcome, Refusal> {
         let timeout = job.timeout;
+        let submit = job.into_submit();
+        if let Some(cache) = &self.inner.cache {
+            if cache.is_cacheable(&submit) {
+                if let Some(result) = cache.lookup(&submit.function, &submit.unique).await {
+                    return Ok(Outcome::Finished {
+                        handle: cache.mint_handle(),
+                        result: JobResult::Complete(result),
+                    });
+                }
+            }
+        }
         let mut c = self.connect(peer);
         if exceptions {
             c.want_exceptions();
@@ -320,7 +340,7 @@ impl Jobs {
             ms: timeout.as_millis() as u64,
         };
         // JOB_CREATED can wait for a durable write when the job joins a background one.
-        let handle = tokio::time::timeout_at(deadline, c.submit(job.into_submit()))
+        let handle = tokio::time::timeout_at(deadline, c.submit(submit))
             .await
             .map_err(|_| timed_out(None))??;
         match tokio::time::timeout_at(deadline, c.result()).await {

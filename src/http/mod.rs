@@ -80,7 +80,7 @@ pub fn router(
     jobs: jobs::Settings,
     services: crate::server::Services,
 ) -> Router {
-    let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs);
+    let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs, services.cache.clone());
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
