@@ -242,6 +242,13 @@ timeseries("Protocol errors and admin commands", "Requests refused or connection
            [(f"sum by (kind) (rate(gearhouse_protocol_errors_total[{R}]))", "error {{kind}}"),
             (f"sum by (command, outcome) (rate(gearhouse_admin_commands_total[{R}]))", "admin {{command}} {{outcome}}")], unit="reqps", w=8)
 
+timeseries("Engine lock hold time", "How long each critical section held the engine lock: it stays short whatever the queue size (big listings take it a page at a time)",
+           [(f"histogram_quantile(0.99, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p99"),
+            (f"histogram_quantile(0.5, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p50")], unit="s", w=12)
+timeseries("TLS and access rules", "TLS handshakes on the Gearman port by result, and requests refused by the access rules (access.rules) or admin_read_networks, by action",
+           [(f"sum by (result) (rate(gearhouse_tls_handshakes_total[{R}])) or vector(0)", "handshake {{result}}"),
+            (f"sum by (action) (rate(gearhouse_access_denied_total[{R}])) or vector(0)", "denied {{action}}")], unit="reqps", w=12)
+
 # ---- memcached mirror
 row("Durable queue (memcached mirror)")
 timeseries("memcached nodes up", "1 when the node answers (gearhouse_memcached_node_up)",
