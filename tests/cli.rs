@@ -344,7 +344,6 @@ fn options_without_an_equivalent_are_refused_by_name() {
         ),
         (&["-q", "redis"][..], "-q redis"),
         (&["-q", "MySQL"][..], "-q mysql"),
-        (&["--ssl"][..], "--ssl"),
         (&["-f", "1000"][..], "-f"),
         (&["--coredump"][..], "--coredump"),
         (&["--hashtable-buckets", "991"][..], "--hashtable-buckets"),

@@ -34,6 +34,22 @@ pub fn entries(loaded: &Loaded, env: &HashMap<String, String>) -> Result<Vec<Ent
     let tree = serde_json::to_value(&loaded.config).expect("the configuration serializes");
     let mut out = Vec::new();
     for (section, keys) in tree.as_object().into_iter().flatten() {
+        if !keys.is_object() {
+            // A top-level list such as `[[schedules]]`: one entry for the whole list.
+            let in_file = file_keys
+                .as_ref()
+                .is_some_and(|f| f.get::<config::Value>(section).is_ok());
+            out.push(Entry {
+                key: section.clone(),
+                value: keys.to_string(),
+                source: if in_file {
+                    format!("file {}", file_name(loaded.file.as_deref()))
+                } else {
+                    "default".to_string()
+                },
+            });
+            continue;
+        }
         for (key, value) in keys.as_object().into_iter().flatten() {
             let full = format!("{section}.{key}");
             let var = format!(
@@ -140,7 +156,7 @@ mod tests {
             .as_object()
             .unwrap()
             .values()
-            .map(|s| s.as_object().unwrap().len())
+            .map(|s| s.as_object().map_or(1, |o| o.len()))
             .sum();
         assert_eq!(e.len(), count, "every key is shown");
     }
