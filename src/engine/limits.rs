@@ -415,11 +415,32 @@ impl Engine {
 mod tests {
     use std::time::Duration;
 
-    use super::super::tests::{can_do, connect, created, engine_with, grab, job, work, Pkt};
+    use super::super::tests::{can_do, connect, created, engine_with, grab, job, work, Peer, Pkt};
     use super::super::EngineConfig;
     use crate::codec::PacketType;
     use crate::functions::FunctionSettings;
     use crate::protocol::{Priority, WorkKind};
+    use bytes::Bytes;
+
+    /// A client with three queued background jobs of `f` (their handles, in order) and two
+    /// workers of `f`.
+    fn two_workers_three_jobs(e: &super::super::Engine) -> (Peer, Peer, Peer, Vec<Bytes>) {
+        let c = connect(e);
+        let a = connect(e);
+        let b = connect(e);
+        can_do(e, &a, "f", None);
+        can_do(e, &b, "f", None);
+        let h = (0..3)
+            .map(|i| {
+                created(
+                    e,
+                    &c,
+                    job("f", &format!("{i}"), "x", Priority::Normal, true),
+                )
+            })
+            .collect();
+        (c, a, b, h)
+    }
 
     fn limited(name: &str, s: FunctionSettings) -> super::super::Engine {
         let mut cfg = EngineConfig::default();
@@ -504,20 +525,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let c = connect(&e);
-        let a = connect(&e);
-        let mut b = connect(&e);
-        can_do(&e, &a, "f", None);
-        can_do(&e, &b, "f", None);
-        let h: Vec<_> = (0..3)
-            .map(|i| {
-                created(
-                    &e,
-                    &c,
-                    job("f", &format!("{i}"), "x", Priority::Normal, true),
-                )
-            })
-            .collect();
+        let (_client, a, mut b, h) = two_workers_three_jobs(&e);
         assert_eq!(handle(&grab(&e, &a)), h[0]);
         assert!(grab(&e, &b).is_none(), "refused: refill timer at 50 ms");
         tokio::time::advance(Duration::from_millis(50)).await;
@@ -548,20 +556,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let c = connect(&e);
-        let a = connect(&e);
-        let mut b = connect(&e);
-        can_do(&e, &a, "f", None);
-        can_do(&e, &b, "f", None);
-        let h: Vec<_> = (0..3)
-            .map(|i| {
-                created(
-                    &e,
-                    &c,
-                    job("f", &format!("{i}"), "x", Priority::Normal, true),
-                )
-            })
-            .collect();
+        let (_client, a, mut b, h) = two_workers_three_jobs(&e);
         assert_eq!(handle(&grab(&e, &a)), h[0]);
         b.received();
         let mut out = bytes::BytesMut::new();
