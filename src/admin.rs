@@ -8,39 +8,83 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::{BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
 
-use crate::engine::Engine;
+use crate::engine::{ConnId, Engine};
 use crate::protocol::ErrorCode;
 
 /// What the connection should do after answering an admin command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterAdmin {
     Continue,
     /// `shutdown`: stop the server (graceful: let connections finish what they hold).
     Shutdown {
         graceful: bool,
     },
-    /// A listing that can be as long as the queue: the connection writes it a page at a time
-    /// ([`Listing::write_page`]), sending each before it takes the next, so neither the
-    /// engine lock nor the connection's unsent output grows with the queue.
+    /// A listing that can be long (as long as the queue, or the function or connection
+    /// tables): the connection writes it a page at a time ([`Listing::write_page`]), sending
+    /// each before it takes the next, so neither the engine lock nor the connection's unsent
+    /// output grows with what is listed.
     List(Listing),
 }
 
-/// An admin listing produced in pages.
+/// The admin listings produced in pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listing {
+pub enum ListingKind {
     /// `show jobs`
     Jobs,
     /// `show unique jobs`
     Uniques,
+    /// `status`
+    Status,
+    /// `prioritystatus`
+    PriorityStatus,
+    /// `workers`
+    Workers,
+}
+
+/// Where a listing's next page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cursor {
+    Start,
+    /// A job slot (`show jobs`, `show unique jobs`).
+    Slot(usize),
+    /// After this function name (`status`, `prioritystatus`).
+    Name(Bytes),
+    /// After this connection id (`workers`).
+    Conn(ConnId),
+    Done,
+}
+
+/// An admin listing being written a page at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    kind: ListingKind,
+    at: Cursor,
 }
 
 impl Listing {
-    /// Appends the page starting at job slot `from`; returns where the next page starts, or
-    /// `None` after the last page (whose closing `.` line it wrote).
-    pub fn write_page(self, engine: &Engine, from: usize, out: &mut BytesMut) -> Option<usize> {
-        let next = match self {
-            Listing::Jobs => {
-                let page = engine.jobs_page(from);
+    /// A listing from its first page.
+    pub fn new(kind: ListingKind) -> Listing {
+        Listing {
+            kind,
+            at: Cursor::Start,
+        }
+    }
+
+    /// What is listed.
+    pub fn kind(&self) -> ListingKind {
+        self.kind
+    }
+
+    /// Appends the next page (the last one ends with the closing `.` line); returns whether
+    /// more pages follow.
+    pub fn write_page(&mut self, engine: &Engine, out: &mut BytesMut) -> bool {
+        let slot = match self.at {
+            Cursor::Slot(s) => s,
+            _ => 0,
+        };
+        self.at = match self.kind {
+            ListingKind::Jobs => {
+                let page = engine.jobs_page(slot);
                 for j in page.items {
                     out.put_slice(&j.handle);
                     // gearmand counts a retry when a job goes back to the queue: a queued job
@@ -52,29 +96,63 @@ impl Listing {
                     };
                     out.put_slice(format!("\t{retries}\t0\t{}\n", j.queued as u8).as_bytes());
                 }
-                page.next
+                page.next.map_or(Cursor::Done, Cursor::Slot)
             }
-            Listing::Uniques => {
-                let page = engine.uniques_page(from);
+            ListingKind::Uniques => {
+                let page = engine.uniques_page(slot);
                 for u in page.items {
                     out.put_slice(&u);
                     out.put_u8(b'\n');
                 }
-                page.next
+                page.next.map_or(Cursor::Done, Cursor::Slot)
+            }
+            ListingKind::Status | ListingKind::PriorityStatus => {
+                let after = match &self.at {
+                    Cursor::Name(n) => Some(n),
+                    _ => None,
+                };
+                let page = engine.functions_page(after);
+                for f in page.items {
+                    if self.kind == ListingKind::Status {
+                        // gearmand's TOTAL includes the running jobs.
+                        let total = f.queued.iter().sum::<u32>() + f.running;
+                        line_tab(out, &f.name_bytes, &[total, f.running, f.workers]);
+                    } else {
+                        let [high, normal, low] = f.queued;
+                        line_tab(out, &f.name_bytes, &[high, normal, low, f.workers]);
+                    }
+                }
+                page.next.map_or(Cursor::Done, Cursor::Name)
+            }
+            ListingKind::Workers => {
+                let after = match self.at {
+                    Cursor::Conn(id) => Some(id),
+                    _ => None,
+                };
+                let page = engine.connections_page(after);
+                for c in page.items {
+                    out.put_slice(format!("{} {} ", c.id, c.peer.ip()).as_bytes());
+                    out.put_slice(&c.client_id);
+                    out.put_slice(b" :");
+                    for f in &c.functions {
+                        out.put_u8(b' ');
+                        out.put_slice(f);
+                    }
+                    out.put_u8(b'\n');
+                }
+                page.next.map_or(Cursor::Done, Cursor::Conn)
             }
         };
-        if next.is_none() {
+        if self.at == Cursor::Done {
             out.put_slice(b".\n");
+            return false;
         }
-        next
+        true
     }
 
     /// Writes the whole listing (for callers without a socket to pace it).
-    pub fn write_all(self, engine: &Engine, out: &mut BytesMut) {
-        let mut from = 0;
-        while let Some(next) = self.write_page(engine, from, out) {
-            from = next;
-        }
+    pub fn write_all(mut self, engine: &Engine, out: &mut BytesMut) {
+        while self.write_page(engine, out) {}
     }
 }
 
@@ -154,9 +232,9 @@ pub fn execute(
     let cmd = lower.first().map(String::as_str).unwrap_or("");
     let sub = lower.get(1).map(String::as_str).unwrap_or("");
     match (cmd, sub) {
-        ("status", _) => status(engine, out),
-        ("prioritystatus", _) => priority_status(engine, out),
-        ("workers", _) => workers(engine, out),
+        ("status", _) => status(),
+        ("prioritystatus", _) => priority_status(),
+        ("workers", _) => workers(),
         ("show", "jobs") => show_jobs(),
         ("show", "dead") => {
             match dead_letters {
@@ -220,53 +298,50 @@ pub fn execute(
     }
 }
 
-/// `status`: `FUNC\tTOTAL\tRUNNING\tWORKERS` per function (TOTAL includes running), then `.`.
-fn status(engine: &Engine, out: &mut BytesMut) -> Executed {
-    for f in engine.function_stats() {
-        let total = f.queued.iter().sum::<u32>() + f.running;
-        line_tab(out, &f.name_bytes, &[total, f.running, f.workers]);
-    }
-    out.put_slice(b".\n");
-    ("status", true, AfterAdmin::Continue)
+/// `status`: `FUNC\tTOTAL\tRUNNING\tWORKERS` per function (TOTAL includes running), then `.`
+/// (written in pages).
+fn status() -> Executed {
+    (
+        "status",
+        true,
+        AfterAdmin::List(Listing::new(ListingKind::Status)),
+    )
 }
 
-/// `prioritystatus`: `FUNC\tHIGH\tNORMAL\tLOW\tWORKERS` per function, then `.`.
-fn priority_status(engine: &Engine, out: &mut BytesMut) -> Executed {
-    for f in engine.function_stats() {
-        line_tab(
-            out,
-            &f.name_bytes,
-            &[f.queued[0], f.queued[1], f.queued[2], f.workers],
-        );
-    }
-    out.put_slice(b".\n");
-    ("prioritystatus", true, AfterAdmin::Continue)
+/// `prioritystatus`: `FUNC\tHIGH\tNORMAL\tLOW\tWORKERS` per function, then `.` (in pages).
+fn priority_status() -> Executed {
+    (
+        "prioritystatus",
+        true,
+        AfterAdmin::List(Listing::new(ListingKind::PriorityStatus)),
+    )
 }
 
-/// `workers`: `ID IP CLIENT_ID : f1 f2` per connection, then `.`.
-fn workers(engine: &Engine, out: &mut BytesMut) -> Executed {
-    for c in engine.connections() {
-        out.put_slice(format!("{} {} ", c.id, c.peer.ip()).as_bytes());
-        out.put_slice(&c.client_id);
-        out.put_slice(b" :");
-        for f in &c.functions {
-            out.put_u8(b' ');
-            out.put_slice(f);
-        }
-        out.put_u8(b'\n');
-    }
-    out.put_slice(b".\n");
-    ("workers", true, AfterAdmin::Continue)
+/// `workers`: `ID IP CLIENT_ID : f1 f2` per connection, then `.` (written in pages).
+fn workers() -> Executed {
+    (
+        "workers",
+        true,
+        AfterAdmin::List(Listing::new(ListingKind::Workers)),
+    )
 }
 
 /// `show jobs`: `HANDLE\tRETRIES\tIGNORE\tQUEUED` per job, then `.` (written in pages).
 fn show_jobs() -> Executed {
-    ("show jobs", true, AfterAdmin::List(Listing::Jobs))
+    (
+        "show jobs",
+        true,
+        AfterAdmin::List(Listing::new(ListingKind::Jobs)),
+    )
 }
 
 /// `show unique jobs`: one unique id a line, then `.` (written in pages).
 fn show_unique_jobs() -> Executed {
-    ("show unique jobs", true, AfterAdmin::List(Listing::Uniques))
+    (
+        "show unique jobs",
+        true,
+        AfterAdmin::List(Listing::new(ListingKind::Uniques)),
+    )
 }
 
 /// `maxqueue FUNCTION [N | HIGH NORMAL LOW]`: no number removes the limit (0 = none).
@@ -487,7 +562,9 @@ mod tests {
             run("cancel job H:gearhouse:1", true, &mut out);
             // Refused before it runs: no span, nothing changed.
             run("drop function resize", false, &mut out);
-            run("status", true, &mut out);
+            if let (_, true, AfterAdmin::List(l)) = run("status", true, &mut out) {
+                l.write_all(&engine, &mut out);
+            }
         });
         let lines = rec.0.lock().unwrap().clone();
         let spans: Vec<&String> = lines.iter().filter(|l| l.starts_with("span")).collect();
@@ -528,5 +605,81 @@ mod tests {
         assert!(is_admin("::ffff:127.0.0.2".parse().unwrap(), &nets));
         assert!(is_admin("::1".parse().unwrap(), &nets));
         assert!(!is_admin("10.1.2.3".parse().unwrap(), &nets));
+    }
+
+    /// `status` and `workers` over more functions and connections than one page holds: every
+    /// line once, in order, in several pages (each one short walk under the engine lock).
+    #[test]
+    fn status_and_workers_are_written_in_pages_in_order() {
+        let engine = Engine::new(
+            crate::engine::EngineConfig {
+                max_functions: 5_000,
+                ..Default::default()
+            },
+            Arc::new(crate::metrics::Metrics::new(10)),
+            None,
+            None,
+        );
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        for i in (0..1_300).rev() {
+            engine
+                .create_function(&Bytes::from(format!("fn{i:05}")))
+                .unwrap();
+        }
+        let mut conns = Vec::new();
+        for _ in 0..1_100 {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let kill = tokio_util::sync::CancellationToken::new();
+            conns.push((engine.connect(peer, tx, kill.clone()), rx, kill));
+        }
+        let pages = |cmd: &'static str| {
+            let mut out = BytesMut::new();
+            let (_, ok, after) = execute(&engine, &Bytes::from(cmd), peer, false, None, &mut out);
+            assert!(ok);
+            let AfterAdmin::List(mut l) = after else {
+                panic!("{cmd} is not a paged listing")
+            };
+            let mut n = 1;
+            while l.write_page(&engine, &mut out) {
+                n += 1;
+            }
+            (n, String::from_utf8(out.to_vec()).unwrap())
+        };
+
+        let (n, text) = pages("status");
+        assert_eq!(
+            n,
+            3,
+            "1,300 functions in pages of {}",
+            crate::engine::PAGE_FUNCTIONS
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        let want: Vec<String> = (0..1_300).map(|i| format!("fn{i:05}\t0\t0\t0")).collect();
+        assert_eq!(lines[..1_300], want[..]);
+        assert_eq!(lines[1_300..], ["."]);
+        let (_, text) = pages("prioritystatus");
+        assert!(
+            text.starts_with("fn00000\t0\t0\t0\t0\nfn00001\t"),
+            "{}",
+            &text[..40]
+        );
+        assert_eq!(text.lines().count(), 1_301);
+
+        let (n, text) = pages("workers");
+        assert_eq!(
+            n,
+            3,
+            "1,100 connections in pages of {}",
+            crate::engine::PAGE_CONNECTIONS
+        );
+        let ids: Vec<u64> = text
+            .lines()
+            .take_while(|l| *l != ".")
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        let mut want: Vec<u64> = conns.iter().map(|c| c.0).collect();
+        want.sort_unstable();
+        assert_eq!(ids, want);
+        assert!(text.ends_with("\n.\n"));
     }
 }

@@ -2,7 +2,8 @@
 //! over a million queued jobs and never reads holds about `server.max_unsent_bytes` of server
 //! memory (not gigabytes), other clients keep round trips under 50 ms meanwhile, and the engine
 //! lock is held for short sections whatever the queue size (`gearhouse_engine_lock_hold_seconds`).
-//! Read-only admin commands can be closed with `server.admin_read_networks`.
+//! Read-only admin commands can be closed with `server.admin_read_networks`, and foreground jobs
+//! abandoned by their clients leave no queue entries behind.
 
 mod common;
 
@@ -154,4 +155,59 @@ async fn read_only_admin_commands_can_be_closed_to_other_networks() {
     let srv = BinServer::start(&[], &env);
     let mut c = Conn::connect(srv.addr()).await;
     assert_eq!(c.admin("status").await, ".\n");
+}
+
+/// The abandoned-foreground loop: clients submit foreground jobs for a function no worker has
+/// registered, then leave. Each job is cancelled with its client, and the queue entries they
+/// leave behind are compacted (`gearhouse_engine_queue_entries` stays small, not one entry per
+/// job ever abandoned); the server's memory does not grow with the number of rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_abandoned_foreground_job_loop_leaves_no_memory_behind() {
+    const ROUNDS: usize = 200;
+    const PER_ROUND: usize = 2_000;
+    let srv = BinServer::start(&["--node-id", "loop"], &[]);
+    let pid = srv.child.id();
+    let mut warm = 0;
+    for round in 0..ROUNDS {
+        let mut c = Connection::connect(srv.addr()).await.unwrap();
+        for i in 0..PER_ROUND {
+            let data = format!("abandoned-{round}-{i:05}");
+            c.put(PacketType::SUBMIT_JOB, &[b"nobody", b"", data.as_bytes()]);
+        }
+        c.flush().await.unwrap();
+        for _ in 0..PER_ROUND {
+            assert_eq!(c.recv().await.unwrap().kind, PacketType::JOB_CREATED);
+        }
+        drop(c);
+        if round == ROUNDS / 10 {
+            warm = rss_kib(pid);
+        }
+    }
+    // The last client's jobs are cancelled once the server sees it leave.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut probe = Conn::connect(srv.addr()).await;
+    loop {
+        let status = probe.admin("status").await;
+        if status.contains("nobody\t0\t0\t0") || Instant::now() > deadline {
+            assert!(status.contains("nobody\t0\t0\t0"), "{status}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let entries = metric_at(srv.http_addr(), "gearhouse_engine_queue_entries").await;
+    let end = rss_kib(pid);
+    let grew_mib = end.saturating_sub(warm) as f64 / 1024.0;
+    println!(
+        "{} foreground jobs abandoned in {ROUNDS} rounds: {entries} queue entries left; RSS {} MiB after round {}, {} MiB at the end (+{grew_mib:.1} MiB)",
+        ROUNDS * PER_ROUND,
+        warm / 1024,
+        ROUNDS / 10,
+        end / 1024
+    );
+    assert!(
+        entries <= 64.0,
+        "{entries} queue entries left behind by abandoned jobs"
+    );
+    // Without compaction the entries alone would be 8 bytes x 360,000 after the warm-up round.
+    assert!(grew_mib < 2.0, "memory grew by {grew_mib:.1} MiB");
 }

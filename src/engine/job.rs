@@ -132,6 +132,9 @@ impl Job {
     }
 }
 
+/// Stale queue entries a priority queue may hold before [`Function::compact_queue`] walks it.
+const COMPACT_MIN: usize = 64;
+
 /// A queue entry: slab key plus the low bits of the job's sequence number, so an entry whose
 /// job was cancelled (and whose slot was reused) is recognised and skipped.
 #[derive(Clone, Copy)]
@@ -192,6 +195,31 @@ impl Function {
         if let Some(d) = s.dead_letter {
             self.dead_letter = d;
         }
+    }
+
+    /// Drops the queue entries of jobs that ended while queued (a foreground client that left
+    /// before any worker came), once they outnumber the live entries of that priority: the
+    /// walk is paid for by the cancellations that made the entries stale (amortised O(1) each),
+    /// so a loop of abandoned jobs for a function nobody works on leaves no memory behind.
+    pub(super) fn compact_queue(&mut self, p: usize, jobs: &slab::Slab<Job>, func: u32) {
+        let q = &mut self.queues[p];
+        let live = self.queued[p] as usize;
+        if q.len() <= COMPACT_MIN || q.len() <= 2 * live {
+            return;
+        }
+        q.retain(|r| {
+            jobs.get(r.slot as usize).is_some_and(|j| {
+                j.seq as u32 == r.tag && j.state == JobState::Queued && j.func == func
+            })
+        });
+        if q.capacity() > 4 * q.len().max(COMPACT_MIN) {
+            q.shrink_to(2 * q.len().max(COMPACT_MIN));
+        }
+    }
+
+    /// Queue entries held, live or stale (for the `gearhouse_engine_queue_entries` gauge).
+    pub(super) fn queue_entries(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
     }
 
     pub(super) fn total_queued(&self) -> u64 {

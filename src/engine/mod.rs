@@ -61,7 +61,7 @@ use clock::Clock;
 use job::{Function, Job};
 use timers::Timer;
 
-pub use pages::{Page, PAGE_SLOTS};
+pub use pages::{Page, PAGE_CONNECTIONS, PAGE_FUNCTIONS, PAGE_SLOTS};
 pub use seams::{
     EndedJob, JobEvent, JobObserver, JobOutcome, JobRecord, Mirror, MirrorRefused, OutcomeSink,
     PeerInfo, SettingsSink,

@@ -50,6 +50,9 @@ pub struct JobInfo {
 pub struct Totals {
     pub jobs: usize,
     pub epoch_waiting: u64,
+    /// Entries in the functions' priority queues, live or stale (see
+    /// `Function::compact_queue`): stays within about twice the queued jobs.
+    pub queue_entries: u64,
     pub clients: u64,
     pub workers: u64,
     pub connections: u64,
@@ -94,22 +97,23 @@ impl Engine {
     /// Per-function counts, sorted by name.
     pub fn function_stats(&self) -> Vec<FunctionStat> {
         let st = self.lock();
-        let mut v: Vec<FunctionStat> = st
-            .functions
-            .iter()
-            .map(|(_, f)| FunctionStat {
-                name: String::from_utf8_lossy(&f.name).into_owned(),
-                name_bytes: f.name.clone(),
-                label: f.metrics.label.clone(),
-                queued: f.queued,
-                running: f.running,
-                scheduled: f.scheduled,
-                workers: f.workers,
-                settings: self.view_of(f),
-            })
-            .collect();
+        let mut v: Vec<FunctionStat> = st.functions.iter().map(|(_, f)| self.stat_of(f)).collect();
         v.sort_by(|a, b| a.name_bytes.cmp(&b.name_bytes));
         v
+    }
+
+    /// One function's snapshot (under the lock).
+    pub(super) fn stat_of(&self, f: &super::job::Function) -> FunctionStat {
+        FunctionStat {
+            name: String::from_utf8_lossy(&f.name).into_owned(),
+            name_bytes: f.name.clone(),
+            label: f.metrics.label.clone(),
+            queued: f.queued,
+            running: f.running,
+            scheduled: f.scheduled,
+            workers: f.workers,
+            settings: self.view_of(f),
+        }
     }
 
     /// Totals for metrics.
@@ -119,7 +123,10 @@ impl Engine {
             jobs: st.jobs.len(),
             ..Default::default()
         };
-        t.epoch_waiting = st.functions.iter().map(|(_, f)| f.scheduled as u64).sum();
+        for (_, f) in st.functions.iter() {
+            t.epoch_waiting += f.scheduled as u64;
+            t.queue_entries += f.queue_entries() as u64;
+        }
         for c in st.conns.values() {
             t.connections += 1;
             if !c.abilities.is_empty() {
@@ -135,22 +142,24 @@ impl Engine {
     /// Every connection with its registered functions, by connection id.
     pub fn connections(&self) -> Vec<ConnInfo> {
         let st = self.lock();
-        let mut v: Vec<ConnInfo> = st
-            .conns
-            .iter()
-            .map(|(&id, c)| ConnInfo {
-                id,
-                peer: c.peer,
-                client_id: c.client_id.clone(),
-                functions: c
-                    .abilities
-                    .iter()
-                    .filter_map(|a| st.functions.get(a.func as usize).map(|f| f.name.clone()))
-                    .collect(),
-            })
-            .collect();
-        v.sort_by_key(|c| c.id);
-        v
+        let mut ids: Vec<ConnId> = st.conns.keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|id| self.conn_info(&st, id)).collect()
+    }
+
+    /// One connection's snapshot (under the lock; `id` is a live connection).
+    pub(super) fn conn_info(&self, st: &super::State, id: ConnId) -> ConnInfo {
+        let c = &st.conns[&id];
+        ConnInfo {
+            id,
+            peer: c.peer,
+            client_id: c.client_id.clone(),
+            functions: c
+                .abilities
+                .iter()
+                .filter_map(|a| st.functions.get(a.func as usize).map(|f| f.name.clone()))
+                .collect(),
+        }
     }
 
     /// Every live job, page by page (see [`Engine::jobs_page`]: the lock is taken per page).

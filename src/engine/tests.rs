@@ -342,6 +342,47 @@ fn a_foreground_job_whose_client_left_is_cancelled_not_run() {
     assert!(e.jobs().is_empty());
 }
 
+/// The abandoned-foreground loop: clients that leave before any worker exists cancel their
+/// jobs, and the queue entries those jobs leave behind are compacted, with live jobs kept in
+/// FIFO order through the compactions.
+#[test]
+fn abandoned_foreground_jobs_leave_no_queue_entries_behind() {
+    let e = engine();
+    let keeper = connect(&e);
+    let mut kept = Vec::new();
+    for round in 0..50 {
+        let client = connect(&e);
+        for i in 0..1_000 {
+            created(
+                &e,
+                &client,
+                job("f", "", &format!("{round}.{i}"), Priority::Normal, false),
+            );
+        }
+        // One live background job per round, behind the abandoned ones.
+        kept.push(created(
+            &e,
+            &keeper,
+            job("f", "", &format!("kept {round}"), Priority::Normal, true),
+        ));
+        e.disconnect(client.id);
+    }
+    let t = e.totals();
+    assert_eq!(t.jobs, 50, "only the background jobs are left");
+    assert!(
+        t.queue_entries <= 2 * 50 + 64 + 1,
+        "50,000 abandoned jobs left {} queue entries for 50 live ones",
+        t.queue_entries
+    );
+    let worker = connect(&e);
+    can_do(&e, &worker, "f", None);
+    let order: Vec<Bytes> = (0..50)
+        .map(|_| grab(&e, &worker).expect("a kept job").args[0].clone())
+        .collect();
+    assert_eq!(order, kept, "FIFO order survives compaction");
+    assert_eq!(grab(&e, &worker), None);
+}
+
 #[test]
 fn a_full_queue_refuses_submits_at_that_priority_only() {
     let e = engine();

@@ -395,7 +395,8 @@ impl Engine {
         });
     }
 
-    /// Removes a job everywhere (queue entries are left to be skipped lazily).
+    /// Removes a job everywhere (its queue entry is skipped lazily, or dropped by
+    /// [`super::job::Function::compact_queue`] once stale entries outnumber live ones).
     pub(super) fn remove_job(&self, st: &mut State, slot: u32, outcome: JobOutcome) {
         let job = st.jobs.remove(slot as usize);
         if let Some(o) = &self.shared.observer {
@@ -410,7 +411,10 @@ impl Engine {
         }
         let f = &mut st.functions[job.func as usize];
         match job.state {
-            JobState::Queued => f.queued[job.priority as usize] -= 1,
+            JobState::Queued => {
+                f.queued[job.priority as usize] -= 1;
+                f.compact_queue(job.priority as usize, &st.jobs, job.func);
+            }
             JobState::Scheduled => f.scheduled -= 1,
             _ => {}
         }

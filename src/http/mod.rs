@@ -151,6 +151,7 @@ pub fn refresh_gauges(engine: &Engine) {
     }
     let t = engine.totals();
     m.epoch_jobs_waiting.set(t.epoch_waiting as i64);
+    m.queue_entries.set(t.queue_entries as i64);
     m.clients_connected.set(t.clients as i64);
     m.workers_connected.set(t.workers as i64);
 }

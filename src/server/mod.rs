@@ -281,8 +281,8 @@ struct Connection<S> {
     perms: Arc<Permissions>,
     /// In `server.admin_read_networks` (or `admin_networks`): may use read-only admin commands.
     may_read_admin: bool,
-    /// A listing being written a page at a time, and the slot its next page starts at.
-    listing: Option<(Listing, usize)>,
+    /// A listing being written a page at a time.
+    listing: Option<Listing>,
     rx: mpsc::Receiver<Bytes>,
     kill: CancellationToken,
     shutdown: Shutdown,
@@ -474,9 +474,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Writes a pending listing a page at a time (each page takes the engine lock once, for a
     /// bounded walk), sending whenever the unsent output reaches `server.max_unsent_bytes`.
     async fn write_listing(&mut self, shutdown: &CancellationToken) -> Option<Close> {
-        while let Some((listing, from)) = self.listing.take() {
-            let next = listing.write_page(&self.engine, from, self.framed.write_buffer_mut());
-            self.listing = next.map(|n| (listing, n));
+        while let Some(mut listing) = self.listing.take() {
+            if listing.write_page(&self.engine, self.framed.write_buffer_mut()) {
+                self.listing = Some(listing);
+            }
             if self.unsent() >= self.cfg.max_unsent_bytes {
                 if let Some(close) = self.write_out(shutdown).await {
                     return Some(close);
@@ -551,7 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 match after {
                     AfterAdmin::Shutdown { graceful: true } => self.shutdown.drain(),
                     AfterAdmin::Shutdown { graceful: false } => self.shutdown.now(),
-                    AfterAdmin::List(l) => self.listing = Some((l, 0)),
+                    AfterAdmin::List(l) => self.listing = Some(l),
                     AfterAdmin::Continue => {}
                 }
                 None
