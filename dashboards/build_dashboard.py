@@ -244,18 +244,22 @@ timeseries("Protocol errors and admin commands", "Requests refused or connection
 
 timeseries("Engine lock hold time", "How long each critical section held the engine lock: it stays short whatever the queue size (big listings take it a page at a time)",
            [(f"histogram_quantile(0.99, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p99"),
-            (f"histogram_quantile(0.5, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p50")], unit="s", w=12)
+            (f"histogram_quantile(0.5, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p50")], unit="s", w=8)
+timeseries("Queue entries, live and stale", "Entries in the priority queues (gearhouse_engine_queue_entries) next to the jobs queued: entries left by jobs that ended while queued are compacted once they outnumber the live ones",
+           [("sum(gearhouse_engine_queue_entries)", "queue entries"),
+            (f"sum(gearhouse_queue_depth{{{F}}})", "queued jobs")], w=8)
 timeseries("TLS and access rules", "TLS handshakes on the Gearman port by result, and requests refused by the access rules (access.rules) or admin_read_networks, by action",
            [(f"sum by (result) (rate(gearhouse_tls_handshakes_total[{R}])) or vector(0)", "handshake {{result}}"),
-            (f"sum by (action) (rate(gearhouse_access_denied_total[{R}])) or vector(0)", "denied {{action}}")], unit="reqps", w=12)
+            (f"sum by (action) (rate(gearhouse_access_denied_total[{R}])) or vector(0)", "denied {{action}}")], unit="reqps", w=8)
 
 # ---- memcached mirror
 row("Durable queue (memcached mirror)")
 timeseries("memcached nodes up", "1 when the node answers (gearhouse_memcached_node_up)",
            [("gearhouse_memcached_node_up", "{{node}}")], w=8)
-timeseries("Copies and pending writes", "Live jobs with fewer copies than persistence.replicas; writes waiting for memcached",
+timeseries("Copies and pending writes", "Live jobs with fewer copies than persistence.replicas; writes waiting for memcached; deletes dropped past persistence.max_pending_deletes (those jobs may run again after a recovery)",
            [("sum(gearhouse_memcached_replicas_below_target)", "replicas below target"),
-            ("sum(gearhouse_persistence_pending_writes)", "pending writes")], w=8)
+            ("sum(gearhouse_persistence_pending_writes)", "pending writes"),
+            (f"sum(increase(gearhouse_memcached_deletes_dropped_total[{R}]))", "deletes dropped")], w=8)
 timeseries("Jobs not durable", "Background jobs accepted in memory only (persistence.on_failure = accept_in_memory), per second",
            [(f"sum(rate(gearhouse_jobs_not_durable_total[{R}]))", "not durable")], unit="reqps", w=8)
 timeseries("Write latency by node", "Queued write to memcached's acknowledgement",

@@ -172,6 +172,7 @@ pub struct PersistenceSection {
     pub connections_per_node: usize,
     pub max_batch: usize,
     pub max_pending_writes: usize,
+    pub max_pending_deletes: usize,
     pub recover_from_node: String,
     pub repair_interval_ms: u64,
     /// Seconds a peer's lease must be missing before its queue is taken over; 0 = off.

@@ -26,6 +26,8 @@ pub struct PersistMetrics {
     pub errors: IntCounterVec,
     /// Copies a node did not store, by node and reason (the mirror's `NodeFailure` labels).
     pub write_failures: IntCounterVec,
+    /// Deletes dropped because `persistence.max_pending_deletes` waited for a node.
+    pub deletes_dropped: IntCounterVec,
     pub node_up: IntGaugeVec,
     pub replicas_below_target: IntGauge,
     pub evictions: IntGaugeVec,
@@ -71,6 +73,14 @@ impl PersistMetrics {
                     "Job record copies a memcached node did not store, per node and reason: out_of_memory (start it with more -m, keep -M), too_large (a larger -I), rejected (another error), timeout (persistence.write_timeout_ms), connection and node_down (the node is unreachable), queue_full (the node is slower than the submit rate)",
                 ),
                 &["node", "reason"],
+            )
+            .expect("counter"),
+            deletes_dropped: IntCounterVec::new(
+                Opts::new(
+                    "gearhouse_memcached_deletes_dropped_total",
+                    "Deletes of finished jobs dropped because persistence.max_pending_deletes already waited for the node (those jobs may run again after a recovery from it)",
+                ),
+                &["node"],
             )
             .expect("counter"),
             node_up: IntGaugeVec::new(
@@ -132,6 +142,7 @@ impl PersistMetrics {
         let _ = registry.register(Box::new(m.delete_seconds.clone()));
         let _ = registry.register(Box::new(m.errors.clone()));
         let _ = registry.register(Box::new(m.write_failures.clone()));
+        let _ = registry.register(Box::new(m.deletes_dropped.clone()));
         let _ = registry.register(Box::new(m.node_up.clone()));
         let _ = registry.register(Box::new(m.replicas_below_target.clone()));
         let _ = registry.register(Box::new(m.evictions.clone()));
@@ -151,6 +162,7 @@ impl PersistMetrics {
         for op in ERROR_OPS {
             self.errors.with_label_values(&[addr, op]);
         }
+        self.deletes_dropped.with_label_values(&[addr]);
         self.node_up.with_label_values(&[addr]).set(0);
         self.evictions.with_label_values(&[addr]).set(0);
         self.eviction_enabled.with_label_values(&[addr]).set(0);

@@ -75,6 +75,8 @@ pub struct Settings {
     pub connections_per_node: usize,
     pub max_batch: usize,
     pub max_pending_writes: usize,
+    /// Deletes kept per node that cannot take them yet (the oldest half dropped past it).
+    pub max_pending_deletes: usize,
     pub recover_from_node: String,
     pub repair_interval: Duration,
     /// Seconds a peer's lease must be missing before its queue is taken over; 0 = never.
@@ -163,6 +165,7 @@ impl Settings {
             connections_per_node: p.connections_per_node,
             max_batch: p.max_batch.max(1),
             max_pending_writes: p.max_pending_writes.max(1),
+            max_pending_deletes: p.max_pending_deletes.max(2),
             recover_from_node: p.recover_from_node.clone(),
             repair_interval: Duration::from_millis(p.repair_interval_ms.max(50)),
             takeover_after_s: p.takeover_after_s,

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use super::error::{NodeFailure, Shortfall, WriteError};
 use super::window::{LIVE, PENDING};
-use super::{Completion, Inner, JobWrite, Op, State, TakeoverDone, WriteKind, MAX_PENDING_DELETES};
+use super::{Completion, Inner, JobWrite, Op, State, TakeoverDone, WriteKind};
 use crate::persist::{lock, record, ring};
 
 impl Inner {
@@ -134,6 +134,23 @@ impl Inner {
         }
     }
 
+    /// Keeps a delete node `i` could not take, for the repairer to replay. The list is bounded
+    /// by `persistence.max_pending_deletes`: past it the oldest half is dropped, counted and
+    /// logged (those finished jobs may run again after a recovery from that node, which
+    /// at-least-once allows; memory would otherwise grow for as long as the node is away).
+    pub(super) fn keep_delete(&self, st: &mut State, i: usize, seq: u64) {
+        let list = &mut st.pending_deletes[i];
+        if list.len() >= self.s.max_pending_deletes {
+            let dropped = list.len() / 2;
+            list.drain(..dropped);
+            let n = &self.nodes[i];
+            n.dropped_deletes
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+            n.deletes_dropped.inc_by(dropped as u64);
+        }
+        list.push(seq);
+    }
+
     /// Sends deletes of `seq` to every node in `nodes`; unreachable ones keep it for later.
     pub(super) fn dispatch_delete(&self, st: &mut State, seq: u64, nodes: u16) {
         let conn = (seq % self.s.connections_per_node as u64) as usize;
@@ -147,15 +164,7 @@ impl Inner {
                     .try_send(Op::Delete { seq, queued: now })
                     .is_ok();
             if !sent {
-                let list = &mut st.pending_deletes[i];
-                if list.len() >= MAX_PENDING_DELETES {
-                    let dropped = list.len() / 2;
-                    list.drain(..dropped);
-                    self.nodes[i]
-                        .dropped_deletes
-                        .fetch_add(dropped as u64, Ordering::Relaxed);
-                }
-                list.push(seq);
+                self.keep_delete(st, i, seq);
             }
         }
     }

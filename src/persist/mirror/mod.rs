@@ -122,6 +122,8 @@ struct Node {
     warnings: [Throttle; NodeFailure::ALL.len()],
     /// Deletes dropped because too many waited for this node (logged by the prober).
     dropped_deletes: AtomicU64,
+    /// `gearhouse_memcached_deletes_dropped_total` of this node.
+    deletes_dropped: IntCounter,
     /// Last probe figures for the status JSON.
     evictions: AtomicU64,
     can_evict: AtomicBool,
@@ -151,6 +153,7 @@ impl Node {
                 .map(|f| metrics.write_failures.with_label_values(&[addr, f.label()])),
             warnings: NodeFailure::ALL.map(|_| Throttle::default()),
             dropped_deletes: AtomicU64::new(0),
+            deletes_dropped: metrics.deletes_dropped.with_label_values(&[addr]),
             evictions: AtomicU64::new(0),
             can_evict: AtomicBool::new(false),
             items: AtomicU64::new(0),
@@ -164,13 +167,10 @@ struct State {
     window: Window,
     /// Highest sequence number ever written (the high watermark).
     high: u64,
-    /// Deletes that could not reach a node yet, replayed when it returns with its data.
+    /// Deletes that could not reach a node yet, replayed when it returns with its data (at
+    /// most `persistence.max_pending_deletes` per node: see [`Inner::keep_delete`]).
     pending_deletes: Vec<Vec<u64>>,
 }
-
-/// Most deletes kept per unreachable node; past it the oldest are dropped (and logged): those
-/// records may come back at the next recovery, which at-least-once allows.
-const MAX_PENDING_DELETES: usize = 2_000_000;
 
 pub(super) struct Inner {
     pub(super) s: Settings,
@@ -578,5 +578,38 @@ mod tests {
         let status = m.status_json();
         assert_eq!(status["on_failure"], "refuse");
         assert_eq!(status["nodes"][1]["reason"], "not contacted yet");
+    }
+
+    /// Deletes a node cannot take are kept for it, at most `persistence.max_pending_deletes`:
+    /// past that the oldest half goes, counted, and the newest are kept.
+    #[test]
+    fn deletes_kept_for_an_unreachable_node_are_bounded() {
+        let cfg = crate::config::Config::default();
+        let nodes: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();
+        let mut s = Settings::build(&cfg, &nodes).unwrap();
+        s.max_pending_deletes = 100;
+        let registry = prometheus::Registry::new();
+        let m = MemcachedMirror::new(s, Arc::new(PersistMetrics::new(&registry)));
+        // Neither node was ever contacted: every delete is kept for both.
+        for seq in 1..=1_000 {
+            let mut st = m.inner.state();
+            m.inner.dispatch_delete(&mut st, seq, 0b11);
+        }
+        let st = m.inner.state();
+        for list in &st.pending_deletes {
+            assert!(list.len() <= 100, "{} deletes kept", list.len());
+            assert_eq!(list.last(), Some(&1_000), "the newest delete is kept");
+            assert!(list.windows(2).all(|w| w[0] < w[1]), "in order");
+        }
+        let kept = st.pending_deletes[0].len() as u64;
+        drop(st);
+        let text = exposition(&registry);
+        for node in NODES {
+            let line = format!(
+                "gearhouse_memcached_deletes_dropped_total{{node=\"{node}\"}} {}",
+                1_000 - kept
+            );
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
     }
 }

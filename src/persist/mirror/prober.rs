@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::NodeFailure;
 use super::writer::WARN_PERIOD;
-use super::{Inner, MAX_PENDING_DELETES};
+use super::Inner;
 use crate::http::Health;
 use crate::persist::client::{ClientError, Connection};
 use crate::persist::lock;
@@ -142,7 +142,8 @@ impl Inner {
         let dropped = n.dropped_deletes.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             tracing::error!(node = %n.addr, dropped,
-                "more than {MAX_PENDING_DELETES} deletes waited for this memcached node; the oldest {dropped} were dropped, so finished jobs kept there may run again after a restart");
+                "more than {} deletes waited for this memcached node (persistence.max_pending_deletes); the oldest {dropped} were dropped, so finished jobs kept there may run again after a restart",
+                self.s.max_pending_deletes);
         }
         let now = self.clock_ms();
         for f in NodeFailure::ALL {

@@ -524,7 +524,7 @@ fn settle(
                 Outcome::Ok => n
                     .delete_s
                     .observe(now.saturating_duration_since(*queued).as_secs_f64()),
-                _ => st.pending_deletes[node].push(*seq),
+                _ => inner.keep_delete(&mut st, node, *seq),
             },
         }
     }
