@@ -16,8 +16,6 @@ use common::{http_get, BinServer, Conn, Memcached};
 use gearhouse::client::Connection;
 use gearhouse::codec::PacketType;
 use gearhouse::protocol::GrabKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// The accuracy test runs alone: the other tests start servers and memcached processes, whose
@@ -99,25 +97,9 @@ async fn collect_until(rx: &mut mpsc::UnboundedReceiver<Received>, until: f64) -
 
 /// One HTTP/1.1 request: (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    common::http_request(addr, method, path, body)
+        .await
+        .unwrap()
 }
 
 fn schedule_json(id: &str, cron: &str, function: &str) -> String {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use common::pki::Pki;
 use common::process::Proc;
 use common::server::{free_port, BinServer};
 use gearhouse::client::{is_listing, PacketReader};
@@ -25,146 +26,27 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-/// Runs `openssl` with `args` in `dir`, panicking with its output on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (installed by scripts/install-test-deps.sh)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and certificates it signs: `name.pem` / `name.key` with common name `cn`.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=gearhouse-test-ca",
-            ],
-        );
-        Pki { dir }
+/// A rustls client presenting `name`'s certificate (none for `None`), trusting the test CA.
+fn connector(pki: &Pki, name: Option<&str>) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&pki.path("ca.pem")) {
+        roots.add(c).unwrap();
     }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn p(&self, f: &str) -> String {
-        self.path(f).to_string_lossy().into_owned()
-    }
-
-    /// Issues `name.pem`/`name.key` for `cn`, signed by the CA (or self-signed with `own_ca`).
-    fn issue(&self, name: &str, cn: &str, server: bool, own_ca: bool) {
-        let d = self.dir.path();
-        let ext = format!("{name}.ext");
-        let usage = if server {
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-        } else {
-            "extendedKeyUsage=clientAuth\n"
-        };
-        std::fs::write(d.join(&ext), usage).unwrap();
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let subj = format!("/CN={cn}");
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &subj,
-            ],
-        );
-        if own_ca {
-            openssl(
-                d,
-                &[
-                    "x509", "-req", "-in", &csr, "-signkey", &key, "-out", &pem, "-days", "2",
-                    "-extfile", &ext,
-                ],
-            );
-        } else {
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &pem,
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &ext,
-                ],
-            );
-        }
-    }
-
-    /// A rustls client presenting `name`'s certificate (none for `None`), trusting the CA.
-    fn connector(&self, name: Option<&str>) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs(&self.path("ca.pem")) {
-            roots.add(c).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let b = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let cfg = match name {
-            Some(n) => b
-                .with_client_auth_cert(
-                    certs(&self.path(&format!("{n}.pem"))),
-                    key(&self.path(&format!("{n}.key"))),
-                )
-                .unwrap(),
-            None => b.with_no_client_auth(),
-        };
-        TlsConnector::from(Arc::new(cfg))
-    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match name {
+        Some(n) => b
+            .with_client_auth_cert(
+                certs(&pki.path(&format!("{n}.pem"))),
+                key(&pki.path(&format!("{n}.key"))),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    TlsConnector::from(Arc::new(cfg))
 }
 
 fn certs(p: &Path) -> Vec<CertificateDer<'static>> {
@@ -349,7 +231,7 @@ async fn python_gear_over_mutual_tls_and_the_access_rules() {
     worker.finish_within(Duration::from_secs(10));
 
     // The rules, through a raw TLS client.
-    let mut app = TlsConn::open(&pki.connector(Some("app")), srv.port)
+    let mut app = TlsConn::open(&connector(&pki, Some("app")), srv.port)
         .await
         .unwrap();
     app.send(PacketType::SUBMIT_JOB, &[b"tls_other", b"", b"x"])
@@ -369,7 +251,7 @@ async fn python_gear_over_mutual_tls_and_the_access_rules() {
     let denied = app.admin("shutdown").await;
     assert!(denied.starts_with("ERR PERMISSION_DENIED"), "{denied}");
 
-    let mut w = TlsConn::open(&pki.connector(Some("worker")), srv.port)
+    let mut w = TlsConn::open(&connector(&pki, Some("worker")), srv.port)
         .await
         .unwrap();
     let denied = w.admin("status").await;
@@ -379,18 +261,18 @@ async fn python_gear_over_mutual_tls_and_the_access_rules() {
     assert_eq!(w.recv().await.0, PacketType::ERROR);
 
     // A certificate the CA did not sign (even with an allowed name), and none at all.
-    let forged = TlsConn::open(&pki.connector(Some("forged")), srv.port).await;
+    let forged = TlsConn::open(&connector(&pki, Some("forged")), srv.port).await;
     assert!(
         forged.is_err(),
         "a self-signed 'app' certificate was accepted"
     );
-    let anonymous = TlsConn::open(&pki.connector(None), srv.port).await;
+    let anonymous = TlsConn::open(&connector(&pki, None), srv.port).await;
     assert!(
         anonymous.is_err(),
         "a client without a certificate was accepted"
     );
     // A verified certificate no rule names may do nothing but echo and ask for status.
-    let mut s = TlsConn::open(&pki.connector(Some("stranger")), srv.port)
+    let mut s = TlsConn::open(&connector(&pki, Some("stranger")), srv.port)
         .await
         .unwrap();
     s.send(PacketType::SUBMIT_JOB, &[b"tls_rev", b"", b"x"])
@@ -417,7 +299,7 @@ async fn python_gear_over_mutual_tls_and_the_access_rules() {
 
 /// The common name of the certificate the server presents to a new connection.
 async fn served_cn(pki: &Pki, port: u16) -> String {
-    let c = TlsConn::open(&pki.connector(Some("app")), port)
+    let c = TlsConn::open(&connector(pki, Some("app")), port)
         .await
         .unwrap();
     let cert = c.stream.get_ref().1.peer_certificates().unwrap()[0].clone();

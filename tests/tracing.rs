@@ -9,7 +9,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
 use common::otlp::{spans_with_service, str_attr};
+use common::pki::Pki;
 use common::{http_get, BinServer, Conn};
 use gearhouse::codec::PacketType::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -84,117 +84,17 @@ fn has_handle(r: &Received, handle: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Certificates, made by the openssl command.
+// Certificates (tests/common/pki.rs): a CA, a server certificate for localhost, a client one.
 
-struct Certs {
-    dir: PathBuf,
+fn make_certs() -> Pki {
+    let pki = Pki::new();
+    pki.issue("server", "localhost", true, false);
+    pki.issue("client", "gearhouse", false, false);
+    pki
 }
 
-impl Certs {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).unwrap()
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the openssl command");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost signed by it, and a client certificate.
-fn make_certs(dir: &Path) -> Certs {
-    std::fs::create_dir_all(dir).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=gearhouse test CA",
-    ]);
-    openssl(dir, &ca);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("client.ext"),
-        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    for who in ["server", "client"] {
-        let key = format!("{who}.key");
-        let csr = format!("{who}.csr");
-        let pem = format!("{who}.pem");
-        let ext = format!("{who}.ext");
-        let subj = format!(
-            "/CN={}",
-            if who == "server" {
-                "localhost"
-            } else {
-                "gearhouse"
-            }
-        );
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(dir, &req);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-    }
-    Certs {
-        dir: dir.to_path_buf(),
-    }
-}
-
-fn test_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("gearhouse-tracing-{}-{name}", std::process::id()))
+fn read(pki: &Pki, name: &str) -> Vec<u8> {
+    std::fs::read(pki.path(name)).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,17 +126,17 @@ impl TraceService for Collector {
 }
 
 /// An OTLP/gRPC collector on TLS that requires a client certificate signed by the test CA.
-async fn grpc_collector(certs: &Certs) -> (SocketAddr, Got) {
+async fn grpc_collector(certs: &Pki) -> (SocketAddr, Got) {
     use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
     let got = Got::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
-            certs.read("server.pem"),
-            certs.read("server.key"),
+            read(certs, "server.pem"),
+            read(certs, "server.key"),
         ))
-        .client_ca_root(Certificate::from_pem(certs.read("ca.pem")));
+        .client_ca_root(Certificate::from_pem(read(certs, "ca.pem")));
     let svc = TraceServiceServer::new(Collector { got: got.clone() })
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
     let server = Server::builder()
@@ -327,13 +227,13 @@ async fn metric(http: SocketAddr, series: &str) -> f64 {
 /// span arrives with `service.name`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_tls_gzip_headers_and_tail_sampling() {
-    let certs = make_certs(&test_dir("grpc"));
+    let certs = make_certs();
     let (addr, got) = grpc_collector(&certs).await;
     let endpoint = format!("https://localhost:{}", addr.port());
     let (ca, cert, key) = (
-        certs.arg("ca.pem"),
-        certs.arg("client.pem"),
-        certs.arg("client.key"),
+        certs.p("ca.pem"),
+        certs.p("client.pem"),
+        certs.p("client.key"),
     );
     let server = BinServer::start(
         &[],

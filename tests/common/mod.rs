@@ -5,15 +5,17 @@
 //!   [`client`] for a typed [`gearhouse::client::Connection`];
 //! - [`memcached`]: real memcached processes;
 //! - [`process`]: real client programs as child processes with bounded waits (interop tests);
-//! - [`otlp`]: reading what an OTLP exporter sent (the trace receivers).
+//! - [`otlp`]: reading what an OTLP exporter sent (the trace receivers);
+//! - [`pki`]: a throwaway CA and certificates, made by the `openssl` CLI.
 #![allow(dead_code, unused_imports)]
 
 pub mod conn;
 pub mod memcached;
 pub mod otlp;
+pub mod pki;
 pub mod process;
 pub mod server;
 
 pub use conn::{client, Conn, Reply};
 pub use memcached::Memcached;
-pub use server::{binary, free_port, http_get, wait_ready, BinServer, TestServer};
+pub use server::{binary, free_port, http_get, http_request, wait_ready, BinServer, TestServer};
