@@ -1,6 +1,8 @@
 //! Recovery's side of the engine: putting jobs read back from the durable mirror into their
 //! queues with their old handles, and handing the mirror the records of live jobs it asks to
 //! rewrite. Restored jobs are background jobs already durable, so nothing is written again.
+//! A record that carries a handle (a job taken over from another node) keeps it: see
+//! [`super::aliases`].
 
 use super::job::{coalesce_key, Job};
 use super::{Deferred, Engine, JobRecord, State};
@@ -57,6 +59,9 @@ impl Engine {
         }
         st.next_seq = st.next_seq.max(r.seq + 1);
         let slot = self.insert_job(st, job);
+        if let Some(h) = r.handle {
+            self.keep_handle(st, r.seq, h);
+        }
         self.make_available(st, slot);
         true
     }
