@@ -733,10 +733,9 @@ async fn moved_jobs_keep_the_handles_their_clients_got_through_two_takeovers() {
         },
     )
     .await;
-    assert_eq!(
-        metric(c_http, "gearhouse_takeover_jobs_total", "").await,
-        1.0
-    );
+    // At least the held job (a completed job whose delete had not reached memcached yet when
+    // keep-b died moves too, and waits on keep-c: no worker for it there).
+    assert!(metric(c_http, "gearhouse_takeover_jobs_total", "").await >= 1.0);
     ran.stop.store(true, Ordering::SeqCst);
 }
 

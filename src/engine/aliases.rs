@@ -71,21 +71,17 @@ impl Aliases {
         self.maps().by_seq.get(&seq).cloned()
     }
 
-    /// Resolves a handle that is not one of this node's: `Ok(Some(seq))` for a kept handle,
-    /// `Ok(None)` when it is not kept here. `local` is the handle parsed as one of this node's;
-    /// a job whose wire handle is a kept one does not answer to its local handle (`Err`).
-    pub(super) fn resolve(&self, handle: &[u8], local: Option<u64>) -> Result<Option<u64>, ()> {
+    /// The job a wire handle names: the one that kept it, else `local` (the handle read as one
+    /// of this node's, `H:<node_id>:<seq>`) unless that job answers to a kept handle instead.
+    pub(super) fn resolve(&self, handle: &[u8], local: Option<u64>) -> Option<u64> {
         if self.is_empty() {
-            return Ok(local);
+            return local;
         }
         let m = self.maps();
         if let Some(&seq) = m.by_handle.get(handle) {
-            return Ok(Some(seq));
+            return Some(seq);
         }
-        match local {
-            Some(seq) if m.by_seq.contains_key(&seq) => Err(()),
-            other => Ok(other),
-        }
+        local.filter(|seq| !m.by_seq.contains_key(seq))
     }
 
     /// Keeps `handle` for `seq`, unless another job holds it.

@@ -509,7 +509,7 @@ impl Engine {
     /// `H:<node_id>:<seq>` of a job that has no kept handle.
     fn seq_of(&self, handle: &[u8]) -> Option<u64> {
         let local = self.parse_local(handle);
-        self.shared.aliases.resolve(handle, local).ok().flatten()
+        self.shared.aliases.resolve(handle, local)
     }
 
     /// The number in a handle of this node's form.
