@@ -87,10 +87,12 @@ impl Aliases {
     /// Keeps `handle` for `seq`, unless another job holds it.
     pub(super) fn insert(&self, seq: u64, handle: Bytes) -> Result<(), NotKept> {
         let mut m = self.maps();
-        if m.by_handle.contains_key(&handle) {
-            return Err(NotKept::InUse);
+        match m.by_handle.entry(handle.clone()) {
+            hashbrown::hash_map::Entry::Occupied(_) => return Err(NotKept::InUse),
+            hashbrown::hash_map::Entry::Vacant(v) => {
+                v.insert(seq);
+            }
         }
-        m.by_handle.insert(handle.clone(), seq);
         if let Some(old) = m.by_seq.insert(seq, handle) {
             m.by_handle.remove(&old);
         }
@@ -122,12 +124,12 @@ impl Engine {
     /// its local one. A handle another live job here answers to stays with that job: this one
     /// keeps its local handle and the collision is logged.
     pub(super) fn keep_handle(&self, st: &mut State, seq: u64, handle: Bytes) {
-        if handle == self.shared.local_handle(seq) {
-            return;
-        }
         // A handle of this node's own form (its queue came back to it through a peer) must not
         // be handed out again to a new job: later numbers start after it.
         let own = self.parse_local(&handle);
+        if own == Some(seq) && handle == self.shared.local_handle(seq) {
+            return;
+        }
         if let Some(n) = own {
             st.next_seq = st.next_seq.max(n + 1);
         }
@@ -148,9 +150,10 @@ impl Engine {
     }
 
     /// Called for every job that leaves the engine: its kept handle, if it has one, is
-    /// released when the lock is (after the log lines that name it are written).
+    /// released when the lock is (after the log lines that name it are written). While any
+    /// handle is kept, every ended job is noted without a look-up: the release looks once.
     pub(super) fn alias_ended(&self, st: &mut State, seq: u64) {
-        if self.shared.aliases.contains(seq) {
+        if !self.shared.aliases.is_empty() {
             st.ended_aliases.push(seq);
         }
     }
