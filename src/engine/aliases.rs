@@ -100,6 +100,16 @@ impl Aliases {
         Ok(())
     }
 
+    /// Makes room for `n` more kept handles at once (a takeover's wave), so the maps do not
+    /// grow, and rehash, step by step under the engine lock.
+    pub(super) fn reserve(&self, n: usize) {
+        if n > 0 {
+            let mut m = self.maps();
+            m.by_seq.reserve(n);
+            m.by_handle.reserve(n);
+        }
+    }
+
     /// Whether `seq` has a kept handle.
     pub(super) fn contains(&self, seq: u64) -> bool {
         !self.is_empty() && self.maps().by_seq.contains_key(&seq)

@@ -12,6 +12,8 @@ impl Engine {
     /// continue after the highest recovered one. Returns how many were restored.
     pub fn restore(&self, mut records: Vec<JobRecord>, next_seq_floor: u64) -> usize {
         records.sort_by_key(|r| r.seq);
+        let kept = records.iter().filter(|r| r.handle.is_some()).count();
+        self.shared.aliases.reserve(kept);
         let mut st = self.lock();
         let st = &mut *st;
         let mut n = 0;
