@@ -198,6 +198,9 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         .map(|s| Arc::new(crate::persist::kv::Kv::from_settings(&s)));
     let cache = crate::cache::Cache::start(cfg, kv.clone(), &metrics.registry)?;
     let dead_letters = crate::dead_letters::DeadLetters::start(cfg, kv, &metrics.registry);
+    if let Some(p) = &persistence {
+        p.set_dead_letters(dead_letters.clone());
+    }
     let engine = Engine::new(cfg.engine_config(), metrics, mirror, observer);
     let settings = persistence
         .as_ref()

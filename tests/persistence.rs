@@ -913,7 +913,7 @@ async fn another_server_takes_over_a_dead_nodes_queue_once() {
         b.log_text()
     );
     let mut c = Conn::connect(b.addr()).await;
-    // The unique still coalesces on the moved job.
+    // The unique still coalesces on the moved job, which kept node-a's handle.
     let h = submit(
         &mut c,
         SUBMIT_JOB_BG,
@@ -923,7 +923,7 @@ async fn another_server_takes_over_a_dead_nodes_queue_once() {
     .await
     .unwrap()
     .unwrap();
-    assert!(h.starts_with("H:node-b:"), "{h}");
+    assert!(h.starts_with("H:node-a:"), "{h}");
     assert_eq!(queued(b.addr(), "take-fn").await, 1001);
     // Crash B and restart it: the moved jobs come back once, nothing is moved twice.
     b.kill9();
@@ -938,7 +938,8 @@ async fn another_server_takes_over_a_dead_nodes_queue_once() {
         "a job ran twice"
     );
     assert_eq!(ran.len(), 1001);
-    assert!(jobs.iter().all(|j| j.handle.starts_with("H:node-b:")));
+    // B's own recovery gave them back the handles node-a's clients got.
+    assert!(jobs.iter().all(|j| j.handle.starts_with("H:node-a:")));
     // Node A, back with its old id, finds no queue left.
     let a = start_server("node-a", &[&m1, &m2], &[]);
     assert_eq!(queued(a.addr(), "take-fn").await, 0);

@@ -20,6 +20,8 @@ pub struct DeadLetterMetrics {
     pub retried: IntCounter,
     /// Changes that memcached did not take (the letter lives in memory only).
     pub mirror_errors: IntCounter,
+    /// Letters moved here from a dead node's store by a takeover of its queue.
+    pub taken_over: IntCounter,
     labels: Mutex<FunctionLabels>,
 }
 
@@ -65,6 +67,10 @@ impl DeadLetterMetrics {
             mirror_errors: counter(
                 "gearhouse_dead_letters_mirror_errors_total",
                 "Dead-letter changes memcached did not take (kept in memory only)",
+            ),
+            taken_over: counter(
+                "gearhouse_dead_letters_taken_over_total",
+                "Dead letters moved here from a dead node's store by a takeover of its queue",
             ),
             labels: Mutex::new(FunctionLabels::new(label_cap)),
         }

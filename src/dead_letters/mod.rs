@@ -17,6 +17,10 @@
 //!   two loses at most the letter being written. Without memcached letters live in memory only.
 //! - One task applies every change (new letters, evictions, deletes) in order, so memcached sees
 //!   them in the order memory did.
+//! - A takeover of a dead node's queue moves its letters too ([`DeadLetters::take_over`]): read
+//!   from its keys, numbered and mirrored here by the same task, and only then deleted from its
+//!   keys. A crash between the two leaves a letter in both stores, so the next takeover run
+//!   moves it again: a duplicate letter, never a lost one.
 
 pub mod letter;
 pub mod metrics;
@@ -28,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ipnet::IpNet;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::engine::{EndedJob, Engine};
@@ -49,6 +53,12 @@ pub enum DeadLetterError {
     /// Reading the letters back from memcached at start-up failed.
     #[error("reading dead letters back from memcached: {0} (check persistence.memcached)")]
     Restore(#[from] KvError),
+    /// Moving a dead node's letters failed part-way; what was not moved stays under its keys.
+    #[error("moving the dead letters of node {node}: {error}; the letters not moved yet stay under its memcached keys and the takeover tries again")]
+    TakeOver { node: String, error: KvError },
+    /// The store's task has ended (the server is stopping).
+    #[error("the dead-letter store has stopped (the server is shutting down)")]
+    Stopped,
 }
 
 /// A change for the store's task.
@@ -57,6 +67,9 @@ enum Op {
     New(Box<Letter>),
     /// Forget a letter (deleted or retried through the API).
     Delete(u64),
+    /// Letters of a dead node taken over: number them, keep them, mirror them, and say whether
+    /// memcached took them all.
+    Adopt(Vec<Letter>, oneshot::Sender<Result<(), KvError>>),
 }
 
 struct Inner {
@@ -92,6 +105,10 @@ pub struct DeadLetters {
     /// Who may retry and delete letters over HTTP (`server.admin_networks`).
     pub admin_networks: Vec<IpNet>,
     metrics: DeadLetterMetrics,
+    /// Set once this node's letters were read back: a takeover may need them read before the
+    /// app's own call does (new letters are numbered after them). An async mutex: held across
+    /// the reads, so two callers never read them back twice.
+    restored: tokio::sync::Mutex<bool>,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -126,6 +143,7 @@ impl DeadLetters {
             node_id: cfg.node_id(),
             admin_networks: cfg.server_config().admin_networks,
             metrics: DeadLetterMetrics::new(registry, cfg.metrics.max_function_labels),
+            restored: tokio::sync::Mutex::new(false),
         });
         // The task holds a weak handle: the store (and so the task) ends with the server.
         tokio::spawn(run(Arc::downgrade(&d), rx));
@@ -325,8 +343,9 @@ impl DeadLetters {
     }
 
     /// Numbers and keeps a new letter, evicting the oldest past the bounds; returns the kept
-    /// letter and the ids evicted.
-    fn admit(&self, mut letter: Letter) -> (Arc<Letter>, Vec<u64>) {
+    /// letter and the ids evicted. `arrived`: a job just died (a letter moved from another
+    /// node was counted there).
+    fn admit(&self, mut letter: Letter, arrived: bool) -> (Arc<Letter>, Vec<u64>) {
         let mut g = self.lock();
         letter.id = g.next_id;
         g.next_id += 1;
@@ -350,7 +369,9 @@ impl DeadLetters {
         }
         self.metrics.evicted.inc_by(evicted.len() as u64);
         self.metrics.letters.set(g.letters.len() as i64);
-        self.metrics.arrived(&letter.function, letter.reason);
+        if arrived {
+            self.metrics.arrived(&letter.function, letter.reason);
+        }
         (letter, evicted)
     }
 
@@ -362,29 +383,21 @@ impl DeadLetters {
     }
 
     fn key(&self, part: &str) -> Bytes {
-        Kv::key(&self.namespace, &[&self.node_id, "dl", part])
+        node_key(&self.namespace, &self.node_id, part)
     }
 
     /// Reads the letters of this node back from memcached: the ids between the watermarks.
+    /// Once done, later calls do nothing.
     pub async fn restore(&self) -> Result<(), DeadLetterError> {
         let Some(kv) = &self.kv else { return Ok(()) };
-        let read = |v: Option<Bytes>| -> u64 {
-            v.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let hi = read(kv.get(&self.key("hi")).await?);
-        let lo = read(kv.get(&self.key("lo")).await?).max(1);
-        let mut found = Vec::new();
-        for id in lo..hi {
-            if let Some(v) = kv.get(&self.key(&id.to_string())).await? {
-                match Letter::decode(v) {
-                    Some(l) if l.id == id => found.push(l),
-                    _ => tracing::warn!(id, "dead letter in memcached is unreadable: skipped"),
-                }
-            }
+        let mut restored = self.restored.lock().await;
+        if *restored {
+            return Ok(());
         }
+        let (hi, found) = read_node(kv, &self.namespace, &self.node_id).await?;
+        *restored = true;
         let mut g = self.lock();
-        g.next_id = hi.max(1);
+        g.next_id = g.next_id.max(hi).max(1);
         for l in found {
             g.bytes += l.size();
             g.letters.insert(
@@ -411,13 +424,13 @@ impl DeadLetters {
         }
     }
 
-    /// Mirrors a change to memcached: letters first, then the watermarks.
-    async fn mirror(&self, kv: &Kv, new: Option<&Letter>, gone: &[u64]) {
+    /// Mirrors a change to memcached: letters first, then the watermarks. On failure the
+    /// letters live in memory only (counted and logged) and the error is returned.
+    async fn mirror(&self, kv: &Kv, new: &[Arc<Letter>], gone: &[u64]) -> Result<(), KvError> {
         let mut failed = None;
-        if let Some(l) = new {
-            match kv.set(&self.key(&l.id.to_string()), &l.encode(), 0).await {
-                Ok(_) => {}
-                Err(e) => failed = Some(e),
+        for l in new {
+            if let Err(e) = kv.set(&self.key(&l.id.to_string()), &l.encode(), 0).await {
+                failed = Some(e);
             }
         }
         for id in gone {
@@ -433,16 +446,95 @@ impl DeadLetters {
         }
         match failed {
             None => {
-                if let Some(l) = new {
+                for l in new {
                     self.mark_persisted(l.id);
                 }
+                Ok(())
             }
             Some(e) => {
                 self.metrics.mirror_errors.inc();
                 tracing::warn!(error = %e, "dead letter not mirrored to memcached: it lives in memory only");
+                Err(e)
             }
         }
     }
+
+    /// Moves node `from`'s dead letters into this store, as part of a takeover of its queue:
+    /// read from its keys (after this node's own letters were read back, so numbering goes on
+    /// after them), numbered and mirrored here by the store's task (function, handle, unique,
+    /// payload, attempts, last worker, reason and time kept; new ids), and only once memcached
+    /// holds them here deleted under `from`'s keys. Returns how many moved. Run again after a
+    /// failure or a crash, it moves what is left; a letter mirrored here but not yet deleted
+    /// there is moved twice (a duplicate, never a loss). Without memcached there is nothing to
+    /// move: a dead node's letters lived in its memory.
+    pub async fn take_over(&self, from: &str) -> Result<u64, DeadLetterError> {
+        let Some(kv) = self.kv.clone() else {
+            return Ok(0);
+        };
+        let failed = |error| DeadLetterError::TakeOver {
+            node: from.to_string(),
+            error,
+        };
+        self.restore().await?;
+        let (hi, letters) = read_node(&kv, &self.namespace, from)
+            .await
+            .map_err(failed)?;
+        if hi == 0 {
+            return Ok(0);
+        }
+        let old_ids: Vec<u64> = letters.iter().map(|l| l.id).collect();
+        if !letters.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Op::Adopt(letters, tx))
+                .await
+                .map_err(|_| DeadLetterError::Stopped)?;
+            rx.await
+                .map_err(|_| DeadLetterError::Stopped)?
+                .map_err(failed)?;
+        }
+        for id in &old_ids {
+            kv.delete(&node_key(&self.namespace, from, &id.to_string()))
+                .await
+                .map_err(failed)?;
+        }
+        // The watermarks last: until they go, a rerun finds whatever was not deleted yet.
+        for part in ["lo", "hi"] {
+            kv.delete(&node_key(&self.namespace, from, part))
+                .await
+                .map_err(failed)?;
+        }
+        let moved = old_ids.len() as u64;
+        self.metrics.taken_over.inc_by(moved);
+        Ok(moved)
+    }
+}
+
+/// Key `part` (a letter id, `lo` or `hi`) of node `node`'s letters.
+fn node_key(ns: &str, node: &str, part: &str) -> Bytes {
+    Kv::key(ns, &[node, "dl", part])
+}
+
+/// Reads node `node`'s letters from memcached: the ids between its watermarks. Returns its
+/// `hi` watermark (the next id it would give; 0 when it never had a letter) and the letters,
+/// oldest first; an unreadable letter is logged and skipped.
+async fn read_node(kv: &Kv, ns: &str, node: &str) -> Result<(u64, Vec<Letter>), KvError> {
+    let read = |v: Option<Bytes>| -> u64 {
+        v.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let hi = read(kv.get(&node_key(ns, node, "hi")).await?);
+    let lo = read(kv.get(&node_key(ns, node, "lo")).await?).max(1);
+    let mut found = Vec::new();
+    for id in lo..hi {
+        if let Some(v) = kv.get(&node_key(ns, node, &id.to_string())).await? {
+            match Letter::decode(v) {
+                Some(l) if l.id == id => found.push(l),
+                _ => tracing::warn!(node, id, "dead letter in memcached is unreadable: skipped"),
+            }
+        }
+    }
+    Ok((hi, found))
 }
 
 /// The store's task: applies changes in order until the store is gone.
@@ -451,7 +543,7 @@ async fn run(store: std::sync::Weak<DeadLetters>, mut rx: mpsc::Receiver<Op>) {
         let Some(d) = store.upgrade() else { return };
         let (new, gone) = match op {
             Op::New(l) => {
-                let (l, evicted) = d.admit(*l);
+                let (l, evicted) = d.admit(*l, true);
                 tracing::info!(
                     id = l.id,
                     function = %String::from_utf8_lossy(&l.function),
@@ -460,12 +552,28 @@ async fn run(store: std::sync::Weak<DeadLetters>, mut rx: mpsc::Receiver<Op>) {
                     reason = l.reason.as_str(),
                     "job became a dead letter"
                 );
-                (Some(l), evicted)
+                (vec![l], evicted)
             }
-            Op::Delete(id) => (None, vec![id]),
+            Op::Delete(id) => (Vec::new(), vec![id]),
+            Op::Adopt(letters, reply) => {
+                let mut new = Vec::with_capacity(letters.len());
+                let mut gone = Vec::new();
+                for l in letters {
+                    let (l, evicted) = d.admit(l, false);
+                    new.push(l);
+                    gone.extend(evicted);
+                }
+                let r = match d.kv.clone() {
+                    Some(kv) => d.mirror(&kv, &new, &gone).await,
+                    None => Ok(()),
+                };
+                let _ = reply.send(r);
+                continue;
+            }
         };
         if let Some(kv) = d.kv.clone() {
-            d.mirror(&kv, new.as_deref(), &gone).await;
+            // A failure is counted and logged by `mirror`: the letter lives in memory.
+            let _ = d.mirror(&kv, &new, &gone).await;
         }
     }
 }

@@ -17,12 +17,14 @@
 //! - [`settings`]: per-function settings in force (config file, run-time changes) and their views.
 //! - [`limits`]: per-function rate and concurrency limits on the grab path.
 //! - [`restore`]: putting recovered jobs back, and the records the mirror re-reads.
+//! - [`aliases`]: handles kept by jobs taken over from another node (`H:<that node>:<n>`).
 //! - [`snapshots`]: GET_STATUS, the admin and metrics views, and the admin mutations.
 //! - [`pages`]: large admin listings a page (a bounded walk under the lock) at a time.
 //!
 //! Log lines decided while the lock is held are queued in [`State`] and written by the guard
 //! ([`Locked`]) after it releases the lock, so a slow log sink never stalls the job path.
 
+mod aliases;
 mod clock;
 mod job;
 mod limits;
@@ -129,16 +131,33 @@ struct Shared {
     /// Set while this server cannot renew its lease in memcached: its durable jobs are not
     /// handed out, since a peer may be taking them over.
     fenced: AtomicBool,
+    /// Handles of jobs taken over from other nodes (empty, and skipped, nearly always).
+    aliases: aliases::Aliases,
 }
 
 impl Shared {
-    /// The wire handle of a job sequence number.
+    /// The wire handle of a job sequence number: the handle it kept from another node, if it
+    /// was taken over, else `H:<node_id>:<seq>`.
     fn handle_of(&self, seq: u64) -> Bytes {
+        if let Some(h) = self.aliases.handle(seq) {
+            return h;
+        }
+        self.local_handle(seq)
+    }
+
+    /// `H:<node_id>:<seq>`.
+    fn local_handle(&self, seq: u64) -> Bytes {
         let mut b = BytesMut::with_capacity(self.handle_prefix.len() + 20);
         b.extend_from_slice(&self.handle_prefix);
         b.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
         b.freeze()
     }
+}
+
+/// The handle node `node_id` gives its job `seq` (`H:<node_id>:<seq>`), as a takeover names the
+/// jobs it moves.
+pub fn node_handle(node_id: &str, seq: u64) -> Bytes {
+    Bytes::from(format!("H:{node_id}:{seq}"))
 }
 
 /// What a worker registered with CAN_DO (or CAN_DO_TIMEOUT).
@@ -184,6 +203,9 @@ struct State {
     runtime_settings: std::collections::BTreeMap<String, crate::functions::FunctionSettings>,
     /// Log lines to write once the lock is released (empty, and unallocated, nearly always).
     deferred: Vec<Deferred>,
+    /// Jobs with a kept handle that ended under the lock: their aliases are released after
+    /// the log lines above, which may name them (empty, and unallocated, nearly always).
+    ended_aliases: Vec<u64>,
 }
 
 /// Why a running job lost its attempt (for observers and logs).
@@ -229,6 +251,8 @@ enum Deferred {
     NotRestored { seq: u64 },
     /// A worker passed its CAN_DO_TIMEOUT: the job failed.
     TimedOut { seq: u64, attempts: u32 },
+    /// A taken-over job could not keep its handle: another job here answers to it.
+    HandleInUse { seq: u64, handle: Bytes },
 }
 
 impl Deferred {
@@ -268,6 +292,11 @@ impl Deferred {
                 seq,
                 "cannot restore job: too many functions (engine.max_functions)"
             ),
+            Deferred::HandleInUse { seq, handle: old } => tracing::warn!(
+                old_handle = %String::from_utf8_lossy(&old),
+                handle = %handle(seq),
+                "a taken-over job gets a new handle: another job here already answers to its old one (its node reused the number after a restart)"
+            ),
         }
     }
 }
@@ -301,6 +330,7 @@ impl Drop for Locked<'_> {
             return;
         };
         let lines = std::mem::take(&mut guard.deferred);
+        let ended = std::mem::take(&mut guard.ended_aliases);
         drop(guard);
         self.shared
             .metrics
@@ -308,6 +338,9 @@ impl Drop for Locked<'_> {
             .observe(self.since.elapsed().as_secs_f64());
         for line in lines {
             line.write(self.shared);
+        }
+        if !ended.is_empty() {
+            self.shared.aliases.remove(&ended);
         }
     }
 }
@@ -384,6 +417,7 @@ impl Engine {
                     timers: BinaryHeap::new(),
                     runtime_settings: Default::default(),
                     deferred: Vec::new(),
+                    ended_aliases: Vec::new(),
                 }),
                 cfg,
                 handle_prefix,
@@ -396,6 +430,7 @@ impl Engine {
                 settings_sinks: Default::default(),
                 limit_metrics,
                 fenced: AtomicBool::new(false),
+                aliases: Default::default(),
             }),
         }
     }
@@ -465,12 +500,20 @@ impl Engine {
         self.shared.clock.now_ns()
     }
 
-    /// The wire handle of a job sequence number.
+    /// The wire handle of a job sequence number (the one it kept, for a taken-over job).
     pub fn handle_of(&self, seq: u64) -> Bytes {
         self.shared.handle_of(seq)
     }
 
+    /// The job sequence number a wire handle names: a kept handle of a taken-over job, or
+    /// `H:<node_id>:<seq>` of a job that has no kept handle.
     fn seq_of(&self, handle: &[u8]) -> Option<u64> {
+        let local = self.parse_local(handle);
+        self.shared.aliases.resolve(handle, local)
+    }
+
+    /// The number in a handle of this node's form.
+    fn parse_local(&self, handle: &[u8]) -> Option<u64> {
         let rest = handle.strip_prefix(&self.shared.handle_prefix[..])?;
         std::str::from_utf8(rest).ok()?.parse().ok()
     }

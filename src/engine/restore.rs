@@ -1,6 +1,8 @@
 //! Recovery's side of the engine: putting jobs read back from the durable mirror into their
 //! queues with their old handles, and handing the mirror the records of live jobs it asks to
 //! rewrite. Restored jobs are background jobs already durable, so nothing is written again.
+//! A record that carries a handle (a job taken over from another node) keeps it: see
+//! [`super::aliases`].
 
 use super::job::{coalesce_key, Job};
 use super::{Deferred, Engine, JobRecord, State};
@@ -10,6 +12,8 @@ impl Engine {
     /// continue after the highest recovered one. Returns how many were restored.
     pub fn restore(&self, mut records: Vec<JobRecord>, next_seq_floor: u64) -> usize {
         records.sort_by_key(|r| r.seq);
+        let kept = records.iter().filter(|r| r.handle.is_some()).count();
+        self.shared.aliases.reserve(kept);
         let mut st = self.lock();
         let st = &mut *st;
         let mut n = 0;
@@ -57,6 +61,9 @@ impl Engine {
         }
         st.next_seq = st.next_seq.max(r.seq + 1);
         let slot = self.insert_job(st, job);
+        if let Some(h) = r.handle {
+            self.keep_handle(st, r.seq, h);
+        }
         self.make_available(st, slot);
         true
     }

@@ -21,6 +21,9 @@ pub struct JobRecord {
     pub epoch: Option<u64>,
     pub reducer: Option<Bytes>,
     pub attempts: u32,
+    /// The handle clients know the job by when it is not `H:<this node>:<seq>`: a job taken
+    /// over from another node keeps the one its first server gave it.
+    pub handle: Option<Bytes>,
 }
 
 /// Why the mirror would not take a write.

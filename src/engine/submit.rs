@@ -147,6 +147,7 @@ impl Engine {
             epoch: s.epoch,
             reducer: s.reducer.clone(),
             attempts: 0,
+            handle: None,
         };
         if let Err(why) = self.mirror_write(record) {
             self.shared.metrics.refused(
@@ -307,6 +308,7 @@ impl Engine {
             epoch: j.epoch(),
             reducer: j.reducer().cloned(),
             attempts: j.attempts,
+            handle: self.kept_handle(j.seq),
         }
     }
 

@@ -678,6 +678,7 @@ fn restored_jobs_keep_their_handles_and_later_ones_continue_after_them() {
         epoch: None,
         reducer: None,
         attempts: 1,
+        handle: None,
     };
     let n = e.restore(vec![record(7, "a"), record(3, ""), record(9, "a")], 5);
     assert_eq!(n, 2, "the duplicate unique is dropped");

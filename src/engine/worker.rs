@@ -403,6 +403,7 @@ impl Engine {
             o.finished(job.seq, outcome);
         }
         st.by_seq.remove(job.seq);
+        self.alias_ended(st, job.seq);
         if !job.coalesce_key().is_empty() {
             let h = super::job::hash_unique(&st.hasher, job.func, job.coalesce_key());
             if let Ok(e) = st.uniques.find_entry(h, |&s| s == slot) {

@@ -192,6 +192,8 @@ pub struct Persistence {
     metrics: Arc<metrics::PersistMetrics>,
     kv: Arc<kv::Kv>,
     liveness: Arc<lease::Liveness>,
+    /// The dead-letter store takeovers move dead nodes' letters into (set by the app).
+    letters: takeover::LetterStore,
 }
 
 impl Persistence {
@@ -207,7 +209,13 @@ impl Persistence {
             metrics,
             kv,
             liveness,
+            letters: Default::default(),
         }
+    }
+
+    /// The dead-letter store that takeovers move a dead node's letters into.
+    pub fn set_dead_letters(&self, store: Arc<crate::dead_letters::DeadLetters>) {
+        let _ = self.letters.set(store);
     }
 
     /// The mirror to give [`Engine::new`].
@@ -226,6 +234,7 @@ impl Persistence {
             mirror: self.mirror.clone(),
             metrics: self.metrics.clone(),
             kv: self.kv.clone(),
+            letters: self.letters.clone(),
         }
     }
 

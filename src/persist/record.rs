@@ -7,11 +7,18 @@
 //!   connections can never overwrite a newer watermark with an older one);
 //! - `<namespace>:<node_id>:takeover`: the lock a server takes before moving a dead node's queue.
 //!
-//! Value (little-endian), version 1:
-//! `[version=1][priority][flags][seq u64][attempts u32][function_len u32][unique_len u32]`
+//! Value (little-endian), version 1 or 2:
+//! `[version][priority][flags][seq u64][attempts u32][function_len u32][unique_len u32]`
 //! `[data_len u32] function unique [epoch u64 if flags&1] [reducer_len u32, reducer if flags&2]`
-//! `[origin_node_len u16, origin_node, origin_seq u64 if flags&4] data`.
+//! `[origin_node_len u16, origin_node, origin_seq u64 if flags&4]`
+//! `[handle_len u16, handle if flags&8] data`.
 //! Lengths make every field binary-safe: a function with `-`, an empty unique, any payload.
+//!
+//! The origin is where the record was copied from (the node taken over and its sequence number
+//! there: what an interrupted takeover skips); the handle is what clients know the job by when
+//! it is not `H:<this node>:<seq>` (kept from the first node through every takeover). Version 2
+//! is written only for records with a handle, so a server that reads version 1 only still reads
+//! every other record, and says "record version 2" rather than misreading one that has it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -19,9 +26,12 @@ use crate::engine::JobRecord;
 use crate::protocol::Priority;
 
 const VERSION: u8 = 1;
+/// The version of records that carry a handle (`HAS_HANDLE`).
+const VERSION_WITH_HANDLE: u8 = 2;
 const HAS_EPOCH: u8 = 1;
 const HAS_REDUCER: u8 = 2;
 const HAS_ORIGIN: u8 = 4;
+const HAS_HANDLE: u8 = 8;
 
 /// Where a job taken over from another node came from: `(node_id, seq)` there.
 pub type Origin = (String, u64);
@@ -58,10 +68,13 @@ pub fn decode_meta(v: &[u8]) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// Encodes a record (and, for a job taken over from another node, where it came from).
+/// Encodes a record (and, for a job taken over from another node, where it came from). Node
+/// ids and handles are at most a few hundred bytes (node ids are checked to be at most 100).
 pub fn encode(r: &JobRecord, origin: Option<&Origin>) -> Bytes {
-    let extra =
-        r.reducer.as_ref().map_or(0, |x| x.len() + 4) + origin.map_or(0, |o| o.0.len() + 10) + 8;
+    let extra = r.reducer.as_ref().map_or(0, |x| x.len() + 4)
+        + origin.map_or(0, |o| o.0.len() + 10)
+        + r.handle.as_ref().map_or(0, |h| h.len() + 2)
+        + 8;
     let mut b =
         BytesMut::with_capacity(27 + r.function.len() + r.unique.len() + r.data.len() + extra);
     let mut flags = 0;
@@ -74,7 +87,14 @@ pub fn encode(r: &JobRecord, origin: Option<&Origin>) -> Bytes {
     if origin.is_some() {
         flags |= HAS_ORIGIN;
     }
-    b.put_u8(VERSION);
+    if r.handle.is_some() {
+        flags |= HAS_HANDLE;
+    }
+    b.put_u8(if r.handle.is_some() {
+        VERSION_WITH_HANDLE
+    } else {
+        VERSION
+    });
     b.put_u8(r.priority as u8);
     b.put_u8(flags);
     b.put_u64_le(r.seq);
@@ -96,6 +116,10 @@ pub fn encode(r: &JobRecord, origin: Option<&Origin>) -> Bytes {
         b.put_slice(node.as_bytes());
         b.put_u64_le(*seq);
     }
+    if let Some(h) = &r.handle {
+        b.put_u16_le(h.len() as u16);
+        b.put_slice(h);
+    }
     b.put_slice(&r.data);
     b.freeze()
 }
@@ -112,9 +136,9 @@ pub fn decode(v: &Bytes) -> Result<(JobRecord, Option<Origin>), String> {
     };
     need(&c, 27)?;
     let version = c.get_u8();
-    if version != VERSION {
+    if version != VERSION && version != VERSION_WITH_HANDLE {
         return Err(format!(
-            "record version {version} (this gearhouse reads version {VERSION})"
+            "record version {version} (this gearhouse reads versions {VERSION} and {VERSION_WITH_HANDLE})"
         ));
     }
     let priority = Priority::from_u8(c.get_u8()).ok_or("bad priority")?;
@@ -150,6 +174,14 @@ pub fn decode(v: &Bytes) -> Result<(JobRecord, Option<Origin>), String> {
     } else {
         None
     };
+    let handle = if flags & HAS_HANDLE != 0 {
+        need(&c, 2)?;
+        let n = c.get_u16_le() as usize;
+        need(&c, n)?;
+        Some(c.split_to(n))
+    } else {
+        None
+    };
     if c.remaining() != dlen {
         return Err(format!(
             "record data is {} bytes, header says {dlen}",
@@ -166,6 +198,7 @@ pub fn decode(v: &Bytes) -> Result<(JobRecord, Option<Origin>), String> {
             epoch,
             reducer,
             attempts,
+            handle,
         },
         origin,
     ))
@@ -185,6 +218,7 @@ mod tests {
             epoch: None,
             reducer: None,
             attempts: 3,
+            handle: None,
         }
     }
 
@@ -195,15 +229,52 @@ mod tests {
         r.epoch = Some(1_900_000_000);
         r.reducer = Some(Bytes::from_static(b"sum-up"));
         let o = ("dead-node".to_string(), 7);
-        assert_eq!(decode(&encode(&r, Some(&o))).unwrap(), (r, Some(o)));
+        assert_eq!(
+            decode(&encode(&r, Some(&o))).unwrap(),
+            (r.clone(), Some(o.clone()))
+        );
+        r.handle = Some(Bytes::from_static(b"H:first-node:12"));
+        let v = encode(&r, Some(&o));
+        assert_eq!(v[0], VERSION_WITH_HANDLE);
+        assert_eq!(decode(&v).unwrap(), (r, Some(o)));
+    }
+
+    /// A record written before handles were kept (version 1, bytes as that version wrote
+    /// them) still decodes, with no handle.
+    #[test]
+    fn version_1_records_without_a_handle_still_decode() {
+        let mut v = vec![1u8, Priority::High as u8, HAS_ORIGIN];
+        v.extend_from_slice(&9u64.to_le_bytes());
+        v.extend_from_slice(&2u32.to_le_bytes());
+        for n in [1u32, 1, 4] {
+            v.extend_from_slice(&n.to_le_bytes());
+        }
+        v.extend_from_slice(b"fu");
+        v.extend_from_slice(&1u16.to_le_bytes());
+        v.extend_from_slice(b"a");
+        v.extend_from_slice(&5u64.to_le_bytes());
+        v.extend_from_slice(b"data");
+        let (r, origin) = decode(&Bytes::from(v)).unwrap();
+        assert_eq!((r.seq, r.attempts, r.handle.clone()), (9, 2, None));
+        assert_eq!(
+            (&r.function[..], &r.unique[..], &r.data[..]),
+            (&b"f"[..], &b"u"[..], &b"data"[..])
+        );
+        assert_eq!(origin, Some(("a".to_string(), 5)));
+        // Without a handle, version 1 is still what is written.
+        assert_eq!(encode(&r, origin.as_ref())[0], VERSION);
     }
 
     #[test]
     fn damaged_records_are_errors_not_panics() {
-        let v = encode(&rec("f", "u", b"data"), None);
-        for n in 0..v.len() {
-            assert!(decode(&v.slice(..n)).is_err(), "prefix {n}");
+        let mut r = rec("f", "u", b"data");
+        r.handle = Some(Bytes::from_static(b"H:n:1"));
+        for v in [encode(&rec("f", "u", b"data"), None), encode(&r, None)] {
+            for n in 0..v.len() {
+                assert!(decode(&v.slice(..n)).is_err(), "prefix {n}");
+            }
         }
+        let v = encode(&rec("f", "u", b"data"), None);
         let mut bad = BytesMut::from(&v[..]);
         bad[0] = 9;
         assert!(decode(&bad.freeze()).unwrap_err().contains("version 9"));

@@ -13,13 +13,24 @@
 //!    record deleted.
 //! 3. If this server dies half-way, its own recovery finds the copies with their origins, and
 //!    the next takeover run skips those records (deleting them): no job is moved twice.
+//! 4. The dead node's dead letters follow ([`crate::dead_letters::DeadLetters::take_over`]):
+//!    copied into this server's store (new ids), then deleted under the dead node's keys. Only
+//!    then are its watermarks deleted and the lock marked done, so an interrupted move is
+//!    resumed by the next run (a letter copied but not deleted yet is moved twice: a duplicate,
+//!    never a loss).
 //!
-//! Jobs get new handles (`H:<this node>:<n>`): the engine makes handles from its own node id and
-//! sequence numbers. Function, unique, priority, epoch, reducer and attempts are kept, so
-//! coalescing on the unique and `GET_STATUS_UNIQUE` work against the moved jobs.
+//! What a moved job keeps: its handle (`H:<dead node>:<n>`, or through a chain of takeovers
+//! the first node's, carried in its record; the engine answers to it, see
+//! `engine::aliases`), function, unique, priority, epoch, reducer and attempts. So a client's
+//! GET_STATUS, coalescing on the unique and `GET_STATUS_UNIQUE` work against the moved jobs,
+//! and workers echo the old handle. What it does not keep: its sequence number (it gets one of
+//! this server's, its key in memcached), its running state (a job running on the dead node runs
+//! again), and a foreground client's wait (foreground jobs are never in memcached). A handle
+//! already in use here (the dead node reused a number after a restart) is not duplicated: that
+//! job gets a new handle, with a warning.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tracing::Instrument;
@@ -51,6 +62,10 @@ fn reserve_seqs(engine: &Engine, n: usize) -> u64 {
     first
 }
 
+/// Where a takeover puts the dead node's dead letters: this server's store, set once the app
+/// has built it (persistence exists first).
+pub type LetterStore = Arc<OnceLock<Arc<crate::dead_letters::DeadLetters>>>;
+
 /// What a takeover inside this server needs (cheap to clone into a background task).
 #[derive(Clone)]
 pub struct Mover {
@@ -58,6 +73,7 @@ pub struct Mover {
     pub(super) mirror: MemcachedMirror,
     pub(super) metrics: Arc<PersistMetrics>,
     pub(super) kv: Arc<Kv>,
+    pub(super) letters: LetterStore,
 }
 
 /// How a takeover run ended.
@@ -116,6 +132,10 @@ pub(super) async fn run(
                 let mut r = f.record.clone();
                 r.seq = next;
                 next += 1;
+                // Clients know the job by the handle they got: the one it already kept from an
+                // earlier takeover, else the dead node's.
+                r.handle
+                    .get_or_insert_with(|| crate::engine::node_handle(from, old));
                 let rx = p.mirror.write_takeover(&r, &(from.to_string(), old));
                 waiting.push((old, r, rx));
             }
@@ -145,6 +165,15 @@ pub(super) async fn run(
             }
         }
     }
+    // Before the watermarks go: a failure here is retried while they still mark the node as
+    // holding something.
+    let letters = match p.letters.get() {
+        Some(d) => d
+            .take_over(from)
+            .await
+            .map_err(|e| PersistError::Recovery(e.to_string()))?,
+        None => 0,
+    };
     let metas: Vec<Bytes> = (0..super::recovery::MAX_META_KEYS)
         .map(|i| record::meta_key(&s.namespace, from, i))
         .collect();
@@ -159,7 +188,8 @@ pub(super) async fn run(
         from,
         moved,
         skipped,
-        "takeover complete: {moved} jobs of node {from} moved into this server ({skipped} had been moved before)"
+        letters,
+        "takeover complete: {moved} jobs of node {from} moved into this server ({skipped} had been moved before), with their handles; {letters} dead letters moved"
     );
     Ok(Outcome::Moved { moved, skipped })
 }

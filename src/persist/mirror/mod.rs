@@ -562,6 +562,7 @@ mod tests {
                 epoch: None,
                 reducer: None,
                 attempts: 0,
+                handle: None,
             })
             .unwrap_err()
             .0;
