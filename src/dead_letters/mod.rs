@@ -510,6 +510,25 @@ impl DeadLetters {
     }
 }
 
+/// Whether node `node` left dead letters in memcached (its watermarks say ids remain): a
+/// lapsed node with an empty queue is still taken over for them.
+pub async fn node_has_letters(kv: &Kv, ns: &str, node: &str) -> Result<bool, KvError> {
+    let (lo, hi) = node_watermarks(kv, ns, node).await?;
+    Ok(hi > lo)
+}
+
+/// Node `node`'s watermarks `(lo, hi)`: its letters have the ids `lo..hi` (`hi` is 0 when it
+/// never had one).
+async fn node_watermarks(kv: &Kv, ns: &str, node: &str) -> Result<(u64, u64), KvError> {
+    let read = |v: Option<Bytes>| -> u64 {
+        v.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let hi = read(kv.get(&node_key(ns, node, "hi")).await?);
+    let lo = read(kv.get(&node_key(ns, node, "lo")).await?).max(1);
+    Ok((lo, hi))
+}
+
 /// Key `part` (a letter id, `lo` or `hi`) of node `node`'s letters.
 fn node_key(ns: &str, node: &str, part: &str) -> Bytes {
     Kv::key(ns, &[node, "dl", part])
@@ -519,12 +538,7 @@ fn node_key(ns: &str, node: &str, part: &str) -> Bytes {
 /// `hi` watermark (the next id it would give; 0 when it never had a letter) and the letters,
 /// oldest first; an unreadable letter is logged and skipped.
 async fn read_node(kv: &Kv, ns: &str, node: &str) -> Result<(u64, Vec<Letter>), KvError> {
-    let read = |v: Option<Bytes>| -> u64 {
-        v.and_then(|b| std::str::from_utf8(&b).ok()?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let hi = read(kv.get(&node_key(ns, node, "hi")).await?);
-    let lo = read(kv.get(&node_key(ns, node, "lo")).await?).max(1);
+    let (lo, hi) = node_watermarks(kv, ns, node).await?;
     let mut found = Vec::new();
     for id in lo..hi {
         if let Some(v) = kv.get(&node_key(ns, node, &id.to_string())).await? {

@@ -23,8 +23,8 @@
 //!
 //! Watching: every renewal a separate task reads the registry and the other nodes' leases; a
 //! node whose lease has been missing for `takeover_after_s` (timed here, from the first tick
-//! that found it missing) and whose watermarks show a non-empty queue is taken over through
-//! [`super::takeover::run`], whose lock lets exactly one peer do it.
+//! that found it missing) and whose watermarks show a non-empty queue or dead letters is taken
+//! over through [`super::takeover::run`], whose lock lets exactly one peer do it.
 //!
 //! Renewal, the fence check and watching are three tasks: a renewal stuck on a memcached that
 //! accepts connections but never answers does not delay the fence check (and is never cancelled
@@ -505,8 +505,15 @@ impl Liveness {
         };
         drop(cl);
         if range.is_none_or(|(lo, hi)| lo > hi) {
-            lock(&self.state).empty.insert(node.to_string());
-            return;
+            // No queue; its dead letters still move (a read failure: try again next round).
+            match crate::dead_letters::node_has_letters(&self.kv, &self.namespace, node).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lock(&self.state).empty.insert(node.to_string());
+                    return;
+                }
+                Err(_) => return,
+            }
         }
         if again
             && self
