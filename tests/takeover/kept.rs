@@ -1,0 +1,256 @@
+//! What a moved job keeps (its handle, through two takeovers) and a dead node's dead letters
+//! moving with its queue.
+
+use super::*;
+
+/// Submits background jobs `job-<id>` of [`FUNC`] for `ids` on one connection, pipelined;
+/// returns the handles of their JOB_CREATED.
+async fn submit_for_handles(addr: SocketAddr, ids: std::ops::Range<u64>) -> HashSet<String> {
+    let mut conn = Connection::connect(addr).await.unwrap();
+    for id in ids.clone() {
+        conn.put_submit(&Job::new(FUNC, &format!("job-{id}")), true)
+            .unwrap();
+    }
+    conn.flush().await.unwrap();
+    let mut handles = HashSet::new();
+    for _ in ids {
+        let p = conn.recv().await.unwrap();
+        assert_eq!(p.kind, PacketType::JOB_CREATED, "{:?}", p.body);
+        handles.insert(String::from_utf8_lossy(&p.body).into_owned());
+    }
+    handles
+}
+
+/// GET_STATUS of `handle` on `addr`: (known, running).
+async fn job_status(addr: SocketAddr, handle: &str) -> (bool, bool) {
+    let mut c = Connection::connect(addr).await.unwrap();
+    let s = c.get_status(handle.as_bytes()).await.unwrap();
+    (s.known, s.running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moved_jobs_keep_the_handles_their_clients_got_through_two_takeovers() {
+    let _serial = SERIAL.lock().await;
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start(64, &["-M"])).collect();
+    let list = memcached_list(&ms.iter().collect::<Vec<_>>());
+    let takeover_after = 2;
+    let mut a = start("keep-a", &list, takeover_after, &[]).await;
+    let mut b = start("keep-b", &list, takeover_after, &[]).await;
+    let ran = Arc::new(Ran::default());
+    let _w = workers(b.addr(), 4, &ran);
+
+    let n = 500;
+    let created = submit_for_handles(a.addr(), 0..n).await;
+    assert_eq!(created.len(), n as usize);
+    assert!(
+        created.iter().all(|h| h.starts_with("H:keep-a:")),
+        "{created:?}"
+    );
+    // A job nobody can run yet: it stays queued through both takeovers.
+    let held_fn = "keep-held";
+    let held = {
+        let mut c = Connection::connect(a.addr()).await.unwrap();
+        let h = c
+            .submit_background(&Job::new(held_fn, "held").unique("held-1"))
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&h).into_owned()
+    };
+    assert!(held.starts_with("H:keep-a:"), "{held}");
+
+    a.kill9();
+    let r = ran.clone();
+    eventually(
+        "keep-b to take over and run keep-a's jobs",
+        Duration::from_secs(takeover_after as u64 + 10),
+        || b.log_text(),
+        || {
+            let r = r.clone();
+            async move { r.distinct() >= n as usize }
+        },
+    )
+    .await;
+    assert_eq!(check_none_lost("handles kept", 0..n, &ran.snapshot()), 0);
+    let got = ran.handles.lock().unwrap().clone();
+    let missing: Vec<_> = created.difference(&got).take(5).collect();
+    let unknown: Vec<_> = got.difference(&created).take(5).collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "the handles keep-b's workers got differ from keep-a's JOB_CREATED: missing {missing:?}, unknown {unknown:?}"
+    );
+    // The queued job answers to its old handle on keep-b; its local handle is not its name.
+    assert_eq!(job_status(b.addr(), &held).await, (true, false));
+    let shown = Connection::connect(b.addr())
+        .await
+        .unwrap()
+        .admin("show jobs")
+        .await
+        .unwrap();
+    assert!(shown.contains(&format!("{held}\t")), "{shown}");
+    // A job that ran is gone: its old handle is unknown now.
+    let done = created.iter().next().unwrap();
+    assert_eq!(job_status(b.addr(), done).await, (false, false));
+
+    // A second takeover: keep-b dies, keep-c takes its queue, and the job still answers to
+    // keep-a's handle.
+    let c = start("keep-c", &list, takeover_after, &[]).await;
+    b.kill9();
+    let (c_addr, held2) = (c.addr(), held.clone());
+    eventually(
+        "keep-c to take over keep-b's queue",
+        Duration::from_secs(takeover_after as u64 + 10),
+        || c.log_text(),
+        || {
+            let held = held2.clone();
+            async move { job_status(c_addr, &held).await.0 }
+        },
+    )
+    .await;
+    let mut w = Connection::connect(c.addr()).await.unwrap();
+    w.can_do(held_fn.as_bytes()).await.unwrap();
+    let job = w.grab(GrabKind::Uniq).await.unwrap().expect("the held job");
+    assert_eq!(String::from_utf8_lossy(&job.handle), held);
+    assert_eq!(&job.unique[..], b"held-1");
+    assert_eq!(job_status(c.addr(), &held).await, (true, true));
+    w.complete(&job.handle, b"done").await.unwrap();
+    let c_http = c.http_addr();
+    eventually(
+        "the held job to end on keep-c",
+        Duration::from_secs(5),
+        || c.log_text(),
+        || {
+            let held = held.clone();
+            async move { !job_status(c_addr, &held).await.0 }
+        },
+    )
+    .await;
+    // At least the held job (a completed job whose delete had not reached memcached yet when
+    // keep-b died moves too, and waits on keep-c: no worker for it there). Counted once the
+    // whole move is done, which can be after the first moved job already ran.
+    eventually(
+        "keep-c to count the jobs it took over",
+        Duration::from_secs(10),
+        || c.log_text(),
+        || async move { metric(c_http, "gearhouse_takeover_jobs_total", "").await >= 1.0 },
+    )
+    .await;
+    ran.stop.store(true, Ordering::SeqCst);
+}
+
+/// A worker that answers `n` jobs of `function` with WORK_FAIL.
+async fn fail_jobs(addr: SocketAddr, function: &str, n: usize) {
+    let mut w = Connection::connect(addr).await.unwrap();
+    w.can_do(function.as_bytes()).await.unwrap();
+    let mut done = 0;
+    while done < n {
+        match w.grab(GrabKind::Uniq).await.unwrap() {
+            Some(a) => {
+                w.fail(&a.handle).await.unwrap();
+                done += 1;
+            }
+            None => {
+                w.pre_sleep().await.unwrap();
+                let _ = tokio::time::timeout(Duration::from_millis(200), w.wait_noop()).await;
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/dead-letters` of a server.
+async fn dead_letters(http: SocketAddr) -> Vec<serde_json::Value> {
+    let (_, body) = http_get(http, "/api/v1/dead-letters").await.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["dead_letters"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_move_with_the_queue_and_leave_the_dead_nodes_keys() {
+    let _serial = SERIAL.lock().await;
+    let ms: Vec<Memcached> = (0..3).map(|_| Memcached::start(64, &["-M"])).collect();
+    let list = memcached_list(&ms.iter().collect::<Vec<_>>());
+    let takeover_after = 2;
+    let env = [("GEARHOUSE_FUNCTIONS__MOVEDL__DEAD_LETTER", "true")];
+    let mut a = start("dl-a", &list, takeover_after, &env).await;
+    let b = start("dl-b", &list, takeover_after, &env).await;
+    let a_http = a.http_addr();
+
+    // Three background jobs fail on dl-a and become its dead letters, in memcached.
+    let mut c = Connection::connect(a.addr()).await.unwrap();
+    for i in 0..3 {
+        c.submit_background(&Job::new("movedl", &format!("payload-{i}")).unique(&format!("u-{i}")))
+            .await
+            .unwrap();
+    }
+    fail_jobs(a.addr(), "movedl", 3).await;
+    eventually(
+        "dl-a to keep 3 persisted dead letters",
+        Duration::from_secs(10),
+        || a.log_text(),
+        || async move {
+            let l = dead_letters(a_http).await;
+            l.len() == 3 && l.iter().all(|d| d["persisted"] == true)
+        },
+    )
+    .await;
+    let before = dead_letters(a_http).await;
+    // No job is queued on dl-a: its letters alone make it worth taking over.
+    let nodes: Vec<String> = ms.iter().map(|m| m.addr()).collect();
+    let kv = Kv::new(&nodes, 2, Duration::from_secs(2));
+    let key = |part: &str| Kv::key("gearhouse", &["dl-a", "dl", part]);
+    assert!(kv.get(&key("hi")).await.unwrap().is_some());
+
+    a.kill9();
+    let b_http = b.http_addr();
+    eventually(
+        "dl-b to take over dl-a's dead letters",
+        Duration::from_secs(takeover_after as u64 + 10),
+        || b.log_text(),
+        || async move { dead_letters(b_http).await.len() >= 3 },
+    )
+    .await;
+    let after = dead_letters(b_http).await;
+    assert_eq!(after.len(), 3, "{after:?}");
+    for (old, new) in before.iter().zip(&after) {
+        for k in [
+            "function", "handle", "unique", "payload", "attempts", "reason", "worker", "time",
+        ] {
+            assert_eq!(old[k], new[k], "{k} of {new}");
+        }
+        assert!(
+            old["handle"].as_str().unwrap().starts_with("H:dl-a:"),
+            "{old}"
+        );
+    }
+    eventually(
+        "dl-b to mirror the moved letters",
+        Duration::from_secs(5),
+        || b.log_text(),
+        || async move {
+            dead_letters(b_http)
+                .await
+                .iter()
+                .all(|d| d["persisted"] == true)
+        },
+    )
+    .await;
+    // Gone from dl-a's keys: its letters and its watermarks.
+    for d in &before {
+        let id = d["id"].as_u64().unwrap().to_string();
+        assert_eq!(kv.get(&key(&id)).await.unwrap(), None, "letter {id}");
+    }
+    assert_eq!(kv.get(&key("hi")).await.unwrap(), None);
+    assert_eq!(kv.get(&key("lo")).await.unwrap(), None);
+    // Under dl-b's keys now.
+    for d in &after {
+        let id = d["id"].as_u64().unwrap().to_string();
+        let k = Kv::key("gearhouse", &["dl-b", "dl", &id]);
+        assert!(kv.get(&k).await.unwrap().is_some(), "dl-b's letter {id}");
+    }
+    assert_eq!(
+        metric(b_http, "gearhouse_dead_letters_taken_over_total", "").await,
+        3.0
+    );
+    let log = b.log_text();
+    assert!(log.contains("3 dead letters moved"), "{log}");
+}
