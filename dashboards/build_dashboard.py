@@ -3,7 +3,7 @@
 
 The JSON is what operators import; this script is how it is maintained (one place per panel,
 consistent ids and layout). Run it after editing: `python3 dashboards/build_dashboard.py`.
-tests/observability.rs runs every query of the JSON against a real Prometheus.
+tests/observability/scrape.rs runs every query of the JSON against a real Prometheus.
 """
 
 import json

@@ -1,4 +1,4 @@
-//! Reading what an OTLP exporter sent, for the test receivers in `tests/observability.rs`
+//! Reading what an OTLP exporter sent, for the test receivers in `tests/observability/`
 //! (HTTP) and `tests/tracing.rs` (gRPC and HTTP): spans with their resource's `service.name`,
 //! and typed attribute values.
 
