@@ -1,7 +1,7 @@
 //! The engine as the synchronous state machine it is: fake connections (an outbound channel
 //! each, read back from its receiver), requests as method calls, and tokio's paused clock for
 //! epochs and CAN_DO_TIMEOUT. The durable mirror is a recording double here; the real memcached
-//! path is covered by `tests/persistence.rs`.
+//! path is covered by `tests/persistence/`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
