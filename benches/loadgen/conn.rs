@@ -145,11 +145,21 @@ impl Conn {
     /// Connects to `--host`/`--port` with TCP_NODELAY (requests are coalesced by the write
     /// buffer, not by Nagle) and, with `--tls-ca`, completes the TLS handshake.
     pub async fn connect(args: &Args) -> io::Result<Conn> {
-        let tcp = TcpStream::connect((args.host.as_str(), args.port)).await?;
+        let addr = format!("{}:{}", args.host, args.port);
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("connect to {addr}: {e}")))?;
         tcp.set_nodelay(true)?;
         let stream: Box<dyn Stream> = match &args.tls {
             None => Box::new(tcp),
-            Some(tls) => Box::new(tls.connector.connect(tls.name.clone(), tcp).await?),
+            Some(tls) => Box::new(tls.connector.connect(tls.name.clone(), tcp).await.map_err(
+                |e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("TLS handshake with {addr}: {e} (--tls-ca, --tls-server-name)"),
+                    )
+                },
+            )?),
         };
         Ok(Conn {
             stream,

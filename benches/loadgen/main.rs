@@ -186,6 +186,11 @@ fn main() {
 }
 
 async fn run(args: Args) -> io::Result<()> {
+    if args.mode != Mode::OtlpSink {
+        // One connection first, so a refused connect or a failed TLS handshake ends the run at
+        // once with its reason, instead of a worker task failing while the others wait for it.
+        drop(connect(&args).await?);
+    }
     match args.mode {
         Mode::Background => scenarios::background(&args).await,
         Mode::Foreground => scenarios::foreground(&args).await,
