@@ -7,14 +7,15 @@
 #   benches/compare.sh --persistence    # + gearhouse/memcached (3 nodes, replicas=2) vs gearmand -q libmemcached
 #   benches/compare.sh --tracing        # + gearhouse untraced vs default traces vs every job traced
 #   benches/compare.sh --http           # + HTTP job submission vs the Gearman protocol, same server
+#   benches/compare.sh --tls            # + TLS vs plain Gearman listener, same server
 #   benches/compare.sh --all            # everything
 #
 # Environment: QUICK=1, RUNS (default 3), BG_JOBS, FG_JOBS, SUBMIT_JOBS, SEGMENT, LG_THREADS
 # (load generator runtime threads, 0 = single-threaded, the default), HTTP_SUBMIT_JOBS (--http's
 # background submits per protocol), GH_ENV (extra VAR=value settings for every gearhouse
 # started, e.g. "TOKIO_WORKER_THREADS=1"), OUT (results directory). `--only-extra` skips the
-# main scenarios. Every server is started fresh for every scenario run (--http: for every run
-# of its side-by-side), on free loopback ports, and stopped after.
+# main scenarios. Every server is started fresh for every scenario run (--http, --tls: for every run
+# of their side-by-side), on free loopback ports, and stopped after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -22,6 +23,7 @@ ROOT=$PWD
 PERSIST=${PERSIST:-0}
 TRACING=${TRACING:-0}
 HTTP=${HTTP:-0}
+TLS=${TLS:-0}
 MAIN=1
 for a in "$@"; do
     case "$a" in
@@ -29,9 +31,10 @@ for a in "$@"; do
         --persistence) PERSIST=1 ;;
         --tracing) TRACING=1 ;;
         --http) HTTP=1 ;;
-        --all) PERSIST=1 TRACING=1 HTTP=1 ;;
+        --tls) TLS=1 ;;
+        --all) PERSIST=1 TRACING=1 HTTP=1 TLS=1 ;;
         --only-extra) MAIN=0 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "unknown argument: $a" >&2; exit 2 ;;
     esac
 done
@@ -394,6 +397,80 @@ if [ "$HTTP" = 1 ]; then
         row "gh foreground round trips/s: HTTP vs Gearman, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
         a=$(median "${HS[@]}"); b=$(median "${GS[@]}")
         row "gh background submits/s, 1 in flight: HTTP vs Gearman, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.5x"
+    fi
+fi
+
+# ---- TLS vs plain on the same server (issue 9 section 3) ------------------------------------
+# One gearhouse per run listens with TLS (server.listen, --tls-cert/--tls-key) and in clear text
+# beside it (server.plain_listen); the background and the foreground scenarios run over each,
+# back to back on that server, and which transport goes first alternates per run. The same
+# loadgen drives both (--tls-ca makes its connections TLS), and it opens its connections before
+# the clock starts, so handshakes are not measured. The certificates are a throwaway CA and a
+# server certificate for 127.0.0.1, made by openssl in $OUT/tls. Server CPU per job =
+# server_cpu_s / jobs.
+if [ "$TLS" = 1 ]; then
+    if ! command -v openssl >/dev/null; then
+        row "gh TLS vs plain" "skipped: openssl not installed" "" "" ""
+    else
+        PKI=$OUT/tls; mkdir -p "$PKI"
+        (
+            cd "$PKI"
+            ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+            openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 2 -subj /CN=gearhouse-bench-ca
+            openssl req "${ec[@]}" -keyout server.key -out server.csr -subj /CN=localhost
+            printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+            openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+                -days 2 -extfile server.ext
+        ) >"$PKI/openssl.log" 2>&1 || { echo "openssl failed:" >&2; cat "$PKI/openssl.log" >&2; exit 1; }
+        # tls_lg tls|plain NAME loadgen-args...: the load generator on that listener.
+        tls_lg() {
+            local t=$1 name=$2; shift 2
+            if [ "$t" = tls ]; then run_lg "$name" --tls-ca "$PKI/ca.pem" "$@"
+            else SRV_PORT=$PLAIN_PORT run_lg "$name" "$@"; fi
+        }
+        us_per() { # cpu_s jobs
+            python3 -c "import sys
+try: print('%.2f' % (float(sys.argv[1])*1e6/float(sys.argv[2])))
+except Exception: print('NA')" "${1:-}" "${2:-}"
+        }
+        declare -a TLS_BG=() PL_BG=() TLS_FG=() PL_FG=() TLS_BGC=() PL_BGC=() TLS_FGC=() PL_FGC=()
+        for r in $(seq "$RUNS"); do
+            if [ $((r % 2)) = 1 ]; then ORDER="tls plain"; else ORDER="plain tls"; fi
+            PLAIN_PORT=$(free_port)
+            start_gearhouse "tls.$r" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server.key" \
+                --plain-listen "127.0.0.1:$PLAIN_PORT"
+            for t in $ORDER; do
+                log "run $r: background end-to-end over $t (same server)"
+                tls_lg $t "tls.bg.$t.$r" "${BG_ARGS[@]}"
+            done
+            for t in $ORDER; do
+                log "run $r: foreground round trips over $t (same server)"
+                tls_lg $t "tls.fg.$t.$r" "${FG_ARGS[@]}"
+            done
+            stop_pid "$SRV_PID"
+            for k in bg fg; do
+                if [ $k = bg ]; then f=jobs_per_s; what="background e2e jobs/s"; else f=rt_per_s; what="foreground round trips/s"; fi
+                a=$(field "$OUT/tls.$k.tls.$r.txt" $f); b=$(field "$OUT/tls.$k.plain.$r.txt" $f)
+                row "gh $what: TLS (col 2) vs plain (col 3), run $r" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
+                x=$(us_per "$(field "$OUT/tls.$k.tls.$r.txt" server_cpu_s)" "$(field "$OUT/tls.$k.tls.$r.txt" jobs)")
+                y=$(us_per "$(field "$OUT/tls.$k.plain.$r.txt" server_cpu_s)" "$(field "$OUT/tls.$k.plain.$r.txt" jobs)")
+                row "gh server CPU us/job, $k: TLS vs plain, run $r" "$x" "$y" "$(ratio "$x" "$y")" "(info)"
+                if [ $k = bg ]; then TLS_BG+=("$a"); PL_BG+=("$b"); TLS_BGC+=("$x"); PL_BGC+=("$y")
+                else TLS_FG+=("$a"); PL_FG+=("$b"); TLS_FGC+=("$x"); PL_FGC+=("$y"); fi
+            done
+            a=$(field "$OUT/tls.fg.tls.$r.txt" p99_ms); b=$(field "$OUT/tls.fg.plain.$r.txt" p99_ms)
+            row "gh foreground p99 ms: TLS vs plain, run $r" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+        done
+        if [ "$RUNS" -gt 1 ]; then
+            a=$(median "${TLS_BG[@]}"); b=$(median "${PL_BG[@]}")
+            row "gh background e2e jobs/s: TLS vs plain, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
+            a=$(median "${TLS_FG[@]}"); b=$(median "${PL_FG[@]}")
+            row "gh foreground round trips/s: TLS vs plain, median" "$a" "$b" "$(ratio "$a" "$b")" ">= 0.8x"
+            a=$(median "${TLS_BGC[@]}"); b=$(median "${PL_BGC[@]}")
+            row "gh server CPU us/job, bg: TLS vs plain, median" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+            a=$(median "${TLS_FGC[@]}"); b=$(median "${PL_FGC[@]}")
+            row "gh server CPU us/job, fg: TLS vs plain, median" "$a" "$b" "$(ratio "$a" "$b")" "(info)"
+        fi
     fi
 fi
 

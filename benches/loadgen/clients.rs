@@ -1,6 +1,7 @@
 //! The load generator's clients: background submitters with `--pipeline` submits outstanding
 //! (queued with `put`, written by one `flush`, answers read as they come), and foreground
-//! clients timing each job from SUBMIT_JOB to WORK_COMPLETE.
+//! clients timing each job from SUBMIT_JOB to WORK_COMPLETE. Their connections are opened by
+//! [`connect_clients`] before a run's clock starts: a TCP connect or TLS handshake is not a job.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use gearhouse::client::first_arg;
 use gearhouse::codec::PacketType;
 
+use crate::conn::Conn;
 use crate::workers::{error_text, Shared};
 use crate::{connect, Args, UniqueMode};
 
@@ -58,9 +60,15 @@ impl Progress {
     }
 }
 
+/// Opens `--clients` connections at once, for the clients of one run.
+pub async fn connect_clients(args: &Args) -> io::Result<Vec<Conn>> {
+    futures::future::try_join_all((0..args.clients).map(|_| connect(args))).await
+}
+
 /// A client submitting `n` background jobs with up to `pipeline` unanswered; returns the time
 /// its last JOB_CREATED arrived.
 pub async fn bg_client(
+    mut c: Conn,
     args: Arc<Args>,
     id: usize,
     n: u64,
@@ -68,7 +76,6 @@ pub async fn bg_client(
     shared: Arc<Shared>,
     prefix: Arc<String>,
 ) -> io::Result<Instant> {
-    let mut c = connect(&args).await?;
     let payload = vec![b'x'; args.payload];
     let pipeline = args.pipeline.unwrap_or(100).max(1) as u64;
     let (mut sent, mut answered, mut out) = (0u64, 0u64, 0u64);
@@ -108,6 +115,7 @@ pub async fn bg_client(
 /// A foreground client: SUBMIT_JOB, wait for WORK_COMPLETE, with up to `pipeline` jobs in
 /// flight; returns the latencies in nanoseconds.
 pub async fn fg_client(
+    mut c: Conn,
     args: Arc<Args>,
     id: usize,
     n: u64,
@@ -115,7 +123,6 @@ pub async fn fg_client(
     shared: Arc<Shared>,
     prefix: Arc<String>,
 ) -> io::Result<Vec<u64>> {
-    let mut c = connect(&args).await?;
     let payload = vec![b'x'; args.payload];
     let pipeline = args.pipeline.unwrap_or(1).max(1) as u64;
     let mut lat = Vec::with_capacity(n.min(10_000_000) as usize);

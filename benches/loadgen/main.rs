@@ -1,7 +1,7 @@
 //! Load generator for gearhouse and gearmand: pipelined client and worker connections built on
-//! the crate's own client (`gearhouse::client::Connection`: requests queued with `put`, written
-//! by one `flush`), speaking raw Gearman packets, so both servers are driven by exactly the same
-//! code.
+//! the crate's own client pieces (`gearhouse::client::PacketReader` and the codec's encoder:
+//! requests queued with `put`, written by one `flush`), speaking raw Gearman packets, so both
+//! servers are driven by exactly the same code.
 //!
 //! Run: `cargo bench --bench loadgen -- --mode background --port 4730 --jobs 100000`.
 //! Modes:
@@ -18,15 +18,19 @@
 //! - `otlp-sink`: an HTTP server answering 200 to every POST (an OTLP/HTTP trace receiver that
 //!   throws the spans away), counting requests and bytes; `GET /stats` returns the counts.
 //!
+//! With `--tls-ca FILE` every Gearman connection (clients and workers) speaks TLS (rustls), so
+//! the same scenarios measure a TLS listener; see `conn.rs`.
+//!
 //! Every run ends with one machine-readable line `RESULT key=value ...` (benches/compare.sh
 //! reads it). Workers hold one job at a time unless `--worker-pipeline` says otherwise.
 //!
-//! Files: this one parses the command line and dispatches; `clients.rs` and `workers.rs` are the
-//! connections' loops, `scenarios.rs` the modes, `stats.rs` rates and CPU accounting,
-//! `report.rs` the fields of the RESULT line, `sink.rs` the OTLP sink, `http.rs` the HTTP
-//! modes.
+//! Files: this one parses the command line and dispatches; `conn.rs` is the Gearman connection
+//! (TCP or TLS), `clients.rs` and `workers.rs` the connections' loops, `scenarios.rs` the
+//! modes, `stats.rs` rates and CPU accounting, `report.rs` the fields of the RESULT line,
+//! `sink.rs` the OTLP sink, `http.rs` the HTTP modes.
 
 mod clients;
+mod conn;
 mod http;
 mod report;
 mod scenarios;
@@ -38,7 +42,8 @@ use std::io;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gearhouse::client::Connection;
+
+use crate::conn::{Conn, Tls};
 
 /// Which scenario to run (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,13 +127,36 @@ pub struct Args {
     /// Free text copied into the RESULT line (e.g. the server's name).
     #[arg(long, default_value = "-")]
     pub label: String,
+    /// TLS: the PEM CA certificate(s) the server's certificate must chain to. Set = every
+    /// Gearman connection speaks TLS.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// TLS: a PEM client certificate to present (with --tls-key).
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS: the PEM private key of --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// TLS: the name the server's certificate must carry (default: --host).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Built from the --tls-* flags once, before the run.
+    #[arg(skip)]
+    pub tls: Option<Tls>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     pub bench: bool,
 }
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.tls = match Tls::from_args(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(2);
+        }
+    };
     let rt = if args.threads == 0 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -158,6 +186,11 @@ fn main() {
 }
 
 async fn run(args: Args) -> io::Result<()> {
+    if args.mode != Mode::OtlpSink {
+        // One connection first, so a refused connect or a failed TLS handshake ends the run at
+        // once with its reason, instead of a worker task failing while the others wait for it.
+        drop(connect(&args).await?);
+    }
     match args.mode {
         Mode::Background => scenarios::background(&args).await,
         Mode::Foreground => scenarios::foreground(&args).await,
@@ -169,13 +202,12 @@ async fn run(args: Args) -> io::Result<()> {
     }
 }
 
-/// One Gearman connection to the server under test.
-async fn connect(args: &Args) -> io::Result<Connection> {
-    Ok(Connection::connect((args.host.as_str(), args.port)).await?)
+/// One Gearman connection to the server under test (TLS with `--tls-ca`).
+async fn connect(args: &Args) -> io::Result<Conn> {
+    Conn::connect(args).await
 }
 
 /// Queue depth (TOTAL, running included) of `function` from the admin `status` command.
 async fn queue_depth(args: &Args, function: &str) -> io::Result<u64> {
-    let mut c = connect(args).await?;
-    Ok(c.function_status(function).await?.map_or(0, |r| r.0))
+    connect(args).await?.queue_depth(function).await
 }

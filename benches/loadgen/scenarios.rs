@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::clients::{bg_client, fg_client, per_client, unique_prefix, Progress};
+use crate::clients::{bg_client, connect_clients, fg_client, per_client, unique_prefix, Progress};
+use crate::conn::Conn;
 use crate::report::{errors_field, rss};
 use crate::stats::{percentile_ms, rate, CpuMeter};
 use crate::workers::{join_workers, spawn_workers, Shared};
@@ -21,9 +22,10 @@ pub async fn background(args: &Args) -> io::Result<()> {
     workers.start.wait().await;
     let prefix = Arc::new(unique_prefix());
     let progress = Arc::new(Progress::new(args.segment));
+    let conns = connect_clients(&args).await?;
     let cpu = CpuMeter::start(args.server_pid);
     let t0 = Instant::now();
-    let submitted_at = run_bg_clients(&args, n, &progress, &shared, &prefix, t0).await?;
+    let submitted_at = run_bg_clients(&args, conns, n, &progress, &shared, &prefix, t0).await?;
     let created = progress.created.load(Ordering::Acquire);
     let stop = workers.stop.clone();
     let watch = {
@@ -82,12 +84,16 @@ pub async fn foreground(args: &Args) -> io::Result<()> {
     let workers = spawn_workers(&args, &shared, u64::MAX);
     workers.start.wait().await;
     let prefix = Arc::new(unique_prefix());
+    let conns = connect_clients(&args).await?;
     let cpu = CpuMeter::start(args.server_pid);
     let t0 = Instant::now();
     let deadline = args.duration.map(|s| t0 + Duration::from_secs_f64(s));
-    let clients: Vec<_> = (0..args.clients)
-        .map(|i| {
+    let clients: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
             tokio::spawn(fg_client(
+                c,
                 args.clone(),
                 i,
                 per_client(n, args.clients, i),
@@ -146,9 +152,10 @@ pub async fn submit_only(args: &Args) -> io::Result<()> {
     let shared = Arc::new(Shared::default());
     let prefix = Arc::new(unique_prefix());
     let progress = Arc::new(Progress::new(args.segment));
+    let conns = connect_clients(&args).await?;
     let cpu = CpuMeter::start(args.server_pid);
     let t0 = Instant::now();
-    let end = run_bg_clients(&args, n, &progress, &shared, &prefix, t0).await?;
+    let end = run_bg_clients(&args, conns, n, &progress, &shared, &prefix, t0).await?;
     let created = progress.created.load(Ordering::Acquire);
     let total = end - t0;
     let (cpu_line, cpu) = cpu.report(created);
@@ -224,19 +231,23 @@ pub async fn drain(args: &Args) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `args.clients` background submitters sharing `n` jobs; returns when the last one has
-/// all its JOB_CREATED (or `t0` if none ran).
+/// Runs a background submitter on each of `conns` (one per `--clients`), sharing `n` jobs;
+/// returns when the last one has all its JOB_CREATED (or `t0` if none ran).
 async fn run_bg_clients(
     args: &Arc<Args>,
+    conns: Vec<Conn>,
     n: u64,
     progress: &Arc<Progress>,
     shared: &Arc<Shared>,
     prefix: &Arc<String>,
     t0: Instant,
 ) -> io::Result<Instant> {
-    let clients: Vec<_> = (0..args.clients)
-        .map(|i| {
+    let clients: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
             tokio::spawn(bg_client(
+                c,
                 args.clone(),
                 i,
                 per_client(n, args.clients, i),
