@@ -79,11 +79,10 @@ impl LocalClient {
     /// Submits a job and waits for JOB_CREATED: for a durable background job, that is after
     /// memcached acknowledged it. Returns the job handle.
     pub async fn submit(&mut self, s: Submit) -> Result<Bytes, LocalError> {
-        let mut out = BytesMut::new();
-        // Created/Refused wrote their answer to `out`; Pending's JOB_CREATED (or ERROR) comes
-        // through the channel once the mirror answers. Either way the next packet tells.
-        let _: SubmitOutcome = self.engine.submit(self.conn, s, &mut out);
-        self.buf.extend_from_slice(&out);
+        // Created/Refused append their answer to the unread packets; Pending's JOB_CREATED (or
+        // ERROR) comes through the channel once the mirror answers. Either way the next packet
+        // tells.
+        let _: SubmitOutcome = self.engine.submit(self.conn, s, &mut self.buf);
         loop {
             let p = self.next_packet().await?;
             match p.kind {

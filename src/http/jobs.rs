@@ -334,23 +334,24 @@ impl Jobs {
         if exceptions {
             c.want_exceptions();
         }
-        let deadline = tokio::time::Instant::now() + timeout;
-        let timed_out = |handle| Refusal::Timeout {
-            handle,
-            ms: timeout.as_millis() as u64,
-        };
-        // JOB_CREATED can wait for a durable write when the job joins a background one.
-        let handle = tokio::time::timeout_at(deadline, c.submit(submit))
-            .await
-            .map_err(|_| timed_out(None))??;
-        match tokio::time::timeout_at(deadline, c.result()).await {
-            Ok(result) => Ok(Outcome::Finished {
-                handle,
-                result: result?,
-            }),
+        // One timer for both waits (a timer is registered and removed per `timeout`): JOB_CREATED
+        // can wait for a durable write when the job joins a background one, then the result.
+        let mut created = None;
+        let waited = tokio::time::timeout(timeout, async {
+            let handle = c.submit(submit).await?;
+            created = Some(handle.clone());
+            let result = c.result().await?;
+            Ok::<_, LocalError>(Outcome::Finished { handle, result })
+        })
+        .await;
+        match waited {
+            Ok(outcome) => Ok(outcome?),
             // Dropping `c` disconnects: the engine cancels the job if nobody else waits for it
             // and it has not started.
-            Err(_) => Err(timed_out(Some(handle))),
+            Err(_) => Err(Refusal::Timeout {
+                handle: created,
+                ms: timeout.as_millis() as u64,
+            }),
         }
     }
 

@@ -110,6 +110,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = router(engine, health, jobs, services).merge(more);
+    // Answers are written whole, but a client that pipelines (or a kept-alive one whose ACK is
+    // delayed) would otherwise wait for Nagle's timer behind a small write.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+        let _ = s.set_nodelay(true);
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
