@@ -75,25 +75,6 @@ async fn wait_running(addr: SocketAddr, function: &str, running: u32) {
     }
 }
 
-/// A worker on the crate's client that answers `n` jobs of `function` with WORK_FAIL.
-async fn fail_jobs(addr: SocketAddr, function: &str, n: usize) {
-    let mut w = Connection::connect(addr).await.unwrap();
-    w.can_do(function.as_bytes()).await.unwrap();
-    let mut done = 0;
-    while done < n {
-        match w.grab(GrabKind::Uniq).await.unwrap() {
-            Some(a) => {
-                w.fail(&a.handle).await.unwrap();
-                done += 1;
-            }
-            None => {
-                w.pre_sleep().await.unwrap();
-                w.wait_noop().await.unwrap();
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_workers_die_is_a_dead_letter_that_can_be_retried() {
     let mc = Memcached::start(64, &[]);
@@ -210,7 +191,7 @@ async fn failed_background_jobs_of_dead_letter_functions_are_kept_and_can_be_del
     c.submit_background(&Job::new("plain", "a").unique("p-1"))
         .await
         .unwrap();
-    fail_jobs(srv.addr, "plain", 1).await;
+    common::fail_jobs(srv.addr, "plain", 1).await;
     let fg = tokio::spawn({
         let addr = srv.addr;
         async move {
@@ -221,13 +202,13 @@ async fn failed_background_jobs_of_dead_letter_functions_are_kept_and_can_be_del
         }
     });
     wait_running(srv.addr, "dlf", 0).await;
-    fail_jobs(srv.addr, "dlf", 1).await;
+    common::fail_jobs(srv.addr, "dlf", 1).await;
     fg.await.unwrap();
     // Kept: a background WORK_FAIL of a dead_letter function.
     c.submit_background(&Job::new("dlf", "bg-payload").unique("b-1"))
         .await
         .unwrap();
-    fail_jobs(srv.addr, "dlf", 1).await;
+    common::fail_jobs(srv.addr, "dlf", 1).await;
     // The store applies letters in order, so once this one is there the others would be too.
     let l = wait_letters(srv.http, "", |l| !l.is_empty()).await;
     assert_eq!(l.len(), 1, "{l:?}");
@@ -267,7 +248,7 @@ async fn the_caps_evict_the_oldest_letters_and_count_them() {
             .await
             .unwrap();
     }
-    fail_jobs(srv.addr, "capped", 5).await;
+    common::fail_jobs(srv.addr, "capped", 5).await;
     let l = wait_letters(srv.http, "", |l| {
         l.last().is_some_and(|d| d["payload"] == "job-5")
     })
@@ -309,7 +290,7 @@ async fn the_caps_evict_the_oldest_letters_and_count_them() {
             .await
             .unwrap();
     }
-    fail_jobs(srv.addr, "heavy", 3).await;
+    common::fail_jobs(srv.addr, "heavy", 3).await;
     let l = wait_letters(srv.http, "", |l| {
         l.last().is_some_and(|d| d["unique"] == "h-3")
     })
@@ -338,7 +319,7 @@ fn dead_letters_survive_kill_9() {
         c.submit_background(&Job::new("durable", "keep me").unique("k-1"))
             .await
             .unwrap();
-        fail_jobs(addr, "durable", 1).await;
+        common::fail_jobs(addr, "durable", 1).await;
         wait_letters(http_addr, "", |l| l.len() == 1 && l[0]["persisted"] == true).await
     });
     srv.kill9();
@@ -357,7 +338,7 @@ fn dead_letters_survive_kill_9() {
         c.submit_background(&Job::new("durable", "second").unique("k-2"))
             .await
             .unwrap();
-        fail_jobs(addr, "durable", 1).await;
+        common::fail_jobs(addr, "durable", 1).await;
         let l = wait_letters(http_addr, "", |l| l.len() == 2).await;
         assert_eq!(
             l[1]["id"].as_u64(),

@@ -177,14 +177,19 @@ pub fn switch_user(user: &str) -> Result<(), ProcessError> {
 pub struct PidFile(PathBuf);
 
 impl PidFile {
-    /// Writes this process's id to `path`.
+    /// Writes this process's id to `path`, atomically: written beside it, then renamed over
+    /// it, so a reader (a monitor, an init script) never sees the file empty or half written.
     pub fn create(path: &str) -> Result<PidFile, ProcessError> {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|err| {
-            ProcessError::PidFile {
-                path: path.into(),
-                err,
-            }
-        })?;
+        let failed = |err| ProcessError::PidFile {
+            path: path.into(),
+            err,
+        };
+        let tmp = format!("{path}.tmp.{}", std::process::id());
+        std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(failed)?;
+        if let Err(err) = std::fs::rename(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(err));
+        }
         Ok(PidFile(path.into()))
     }
 }

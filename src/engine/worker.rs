@@ -281,10 +281,27 @@ impl Engine {
                 st.jobs[slot as usize].extra().status = Some((a[1].clone(), a[2].clone()));
             }
         }
+        if kind.is_final() {
+            // The outcome sink (the result cache) takes the result before any client sees it:
+            // a client that submits the same unique again as soon as it has its answer finds
+            // it cached.
+            self.report_final(st, conn, slot, kind, body);
+        }
         self.forward_to_waiters(st, slot, kind, handle, body);
         if kind.is_final() {
-            self.finish(st, conn, slot, seq, kind, body);
+            self.finish(st, conn, slot, seq, kind);
         }
+    }
+
+    /// Reports a worker's final WORK_* (the job's outcome and result) to the outcome sink.
+    fn report_final(&self, st: &State, conn: ConnId, slot: u32, kind: WorkKind, body: &Bytes) {
+        // The body is "handle\0result": the result is everything after the first NUL.
+        let result = body
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(&[][..], |i| &body[i + 1..]);
+        let worker = st.conns.get(&conn).map(|c| (c.peer, c.client_id.clone()));
+        self.report_end(st, slot, outcome_of(kind), result, &worker);
     }
 
     /// The slot and sequence number of the job `handle` names, if `conn` runs it.
@@ -324,15 +341,7 @@ impl Engine {
     }
 
     /// Ends a job on its worker's final result: counts it, releases the worker, removes it.
-    fn finish(
-        &self,
-        st: &mut State,
-        conn: ConnId,
-        slot: u32,
-        seq: u64,
-        kind: WorkKind,
-        body: &Bytes,
-    ) {
+    fn finish(&self, st: &mut State, conn: ConnId, slot: u32, seq: u64, kind: WorkKind) {
         let now = self.now_ns();
         let job = &st.jobs[slot as usize];
         let func = job.func;
@@ -341,10 +350,11 @@ impl Engine {
         f.metrics
             .running_seconds
             .observe(secs_between(job.since_ns, now));
-        let (counter, outcome) = match kind {
-            WorkKind::Complete => (&f.metrics.completed, JobOutcome::Complete),
-            WorkKind::Fail => (&f.metrics.failed, JobOutcome::Fail),
-            _ => (&f.metrics.exceptions, JobOutcome::Exception),
+        let outcome = outcome_of(kind);
+        let counter = match outcome {
+            JobOutcome::Complete => &f.metrics.completed,
+            JobOutcome::Fail => &f.metrics.failed,
+            _ => &f.metrics.exceptions,
         };
         counter.inc(job.priority, job.background);
         if let Some(c) = st.conns.get_mut(&conn) {
@@ -352,13 +362,6 @@ impl Engine {
                 c.holding.swap_remove(i);
             }
         }
-        // The body is "handle\0result": the result is everything after the first NUL.
-        let result = body
-            .iter()
-            .position(|&b| b == 0)
-            .map_or(&[][..], |i| &body[i + 1..]);
-        let worker = st.conns.get(&conn).map(|c| (c.peer, c.client_id.clone()));
-        self.report_end(st, slot, outcome, result, &worker);
         self.remove_job(st, slot, outcome);
         self.released(st, func);
     }
@@ -610,6 +613,15 @@ fn put_assignment(out: &mut BytesMut, kind: GrabKind, handle: &[u8], fname: &[u8
 }
 
 /// Re-frames a worker's WORK_* body as a response packet for clients.
+/// The outcome a worker's final WORK_* gives its job.
+fn outcome_of(kind: WorkKind) -> JobOutcome {
+    match kind {
+        WorkKind::Complete => JobOutcome::Complete,
+        WorkKind::Fail => JobOutcome::Fail,
+        _ => JobOutcome::Exception,
+    }
+}
+
 fn forward_packet(kind: PacketType, body: &Bytes) -> Bytes {
     let mut b = BytesMut::with_capacity(HEADER_LEN + body.len());
     put_response(&mut b, kind, &[body]);

@@ -139,3 +139,24 @@ impl Conn {
         self.expect(PacketType::JOB_CREATED).await.arg(0)
     }
 }
+
+/// A worker on the crate's client that answers `n` jobs of `function` with WORK_FAIL, then
+/// returns (between jobs it sleeps with PRE_SLEEP and waits for NOOP).
+pub async fn fail_jobs(addr: SocketAddr, function: &str, n: usize) {
+    let mut w = Connection::connect(addr).await.unwrap();
+    w.can_do(function.as_bytes()).await.unwrap();
+    let mut done = 0;
+    while done < n {
+        match w.grab(gearhouse::protocol::GrabKind::Uniq).await.unwrap() {
+            Some(a) => {
+                w.fail(&a.handle).await.unwrap();
+                done += 1;
+            }
+            None => {
+                w.pre_sleep().await.unwrap();
+                // A NOOP may never come if the job went elsewhere: look again now and then.
+                let _ = tokio::time::timeout(Duration::from_millis(200), w.wait_noop()).await;
+            }
+        }
+    }
+}

@@ -16,6 +16,6 @@ pub mod pki;
 pub mod process;
 pub mod server;
 
-pub use conn::{client, Conn, Reply};
+pub use conn::{client, fail_jobs, Conn, Reply};
 pub use memcached::Memcached;
 pub use server::{binary, free_port, http_get, http_request, wait_ready, BinServer, TestServer};

@@ -28,21 +28,7 @@ fn start_server(node_id: &str, nodes: &[&Memcached], env: &[(&str, &str)]) -> Bi
     let list = memcached_list(nodes);
     let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
     e.extend_from_slice(env);
-    start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
-}
-
-/// `BinServer::start`, tried again when the server exits at once: the harness picks free ports
-/// by binding and releasing them, so a parallel test can take one before the server binds it.
-fn start_retrying(args: &[&str], env: &[(&str, &str)]) -> BinServer {
-    for _ in 0..2 {
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| BinServer::start(args, env)));
-        if let Ok(s) = r {
-            return s;
-        }
-        eprintln!("server did not start (port taken?); trying again on other ports");
-    }
-    BinServer::start(args, env)
+    BinServer::start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
 }
 
 fn memcached_list(nodes: &[&Memcached]) -> String {
@@ -58,7 +44,7 @@ async fn start_server_async(
     tokio::task::spawn_blocking(move || {
         let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
         e.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
-        start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
+        BinServer::start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
     })
     .await
     .unwrap()

@@ -137,25 +137,6 @@ async fn moved_jobs_keep_the_handles_their_clients_got_through_two_takeovers() {
     ran.stop.store(true, Ordering::SeqCst);
 }
 
-/// A worker that answers `n` jobs of `function` with WORK_FAIL.
-async fn fail_jobs(addr: SocketAddr, function: &str, n: usize) {
-    let mut w = Connection::connect(addr).await.unwrap();
-    w.can_do(function.as_bytes()).await.unwrap();
-    let mut done = 0;
-    while done < n {
-        match w.grab(GrabKind::Uniq).await.unwrap() {
-            Some(a) => {
-                w.fail(&a.handle).await.unwrap();
-                done += 1;
-            }
-            None => {
-                w.pre_sleep().await.unwrap();
-                let _ = tokio::time::timeout(Duration::from_millis(200), w.wait_noop()).await;
-            }
-        }
-    }
-}
-
 /// `GET /api/v1/dead-letters` of a server.
 async fn dead_letters(http: SocketAddr) -> Vec<serde_json::Value> {
     let (_, body) = http_get(http, "/api/v1/dead-letters").await.unwrap();
@@ -182,7 +163,7 @@ async fn dead_letters_move_with_the_queue_and_leave_the_dead_nodes_keys() {
             .await
             .unwrap();
     }
-    fail_jobs(a.addr(), "movedl", 3).await;
+    common::fail_jobs(a.addr(), "movedl", 3).await;
     eventually(
         "dl-a to keep 3 persisted dead letters",
         Duration::from_secs(10),

@@ -40,20 +40,6 @@ const FUNC: &str = "takeover-fn";
 /// deadline, and two of them at once on a small machine measure each other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `BinServer::start`, tried again when the server exits at once (a parallel test took a port
-/// the harness had picked).
-fn start_retrying(args: &[&str], env: &[(&str, &str)]) -> BinServer {
-    for _ in 0..2 {
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| BinServer::start(args, env)));
-        if let Ok(s) = r {
-            return s;
-        }
-        eprintln!("server did not start (port taken?); trying again on other ports");
-    }
-    BinServer::start(args, env)
-}
-
 /// Starts `gearhouse serve --node-id ID --memcached LIST --takeover-after T` off the runtime.
 async fn start(node_id: &str, list: &str, takeover_after: u32, env: &[(&str, &str)]) -> BinServer {
     let (node_id, list) = (node_id.to_string(), list.to_string());
@@ -65,7 +51,7 @@ async fn start(node_id: &str, list: &str, takeover_after: u32, env: &[(&str, &st
         let t = takeover_after.to_string();
         let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
         e.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        start_retrying(
+        BinServer::start_retrying(
             &[
                 "--node-id",
                 &node_id,
