@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::clients::{bg_client, connect_clients, fg_client, per_client, unique_prefix, Progress};
 use crate::conn::Conn;
 use crate::report::{errors_field, rss};
-use crate::stats::{percentile_ms, rate, CpuMeter};
+use crate::stats::{rate, CpuMeter};
 use crate::workers::{join_workers, spawn_workers, Shared};
 use crate::{queue_depth, Args};
 
@@ -103,47 +103,17 @@ pub async fn foreground(args: &Args) -> io::Result<()> {
             ))
         })
         .collect();
-    let mut lat = Vec::new();
-    for c in clients {
-        lat.extend(c.await.map_err(io::Error::other)??);
-    }
-    let elapsed = t0.elapsed();
-    workers.stop.cancel();
-    join_workers(workers).await?;
-    lat.sort_unstable();
-    let pct = |p: f64| percentile_ms(&lat, p);
-    let done = lat.len() as u64;
-    let (cpu_line, cpu) = cpu.report(done);
-    println!(
-        "foreground: {done} round trips of {} bytes, {} clients (pipeline {}), {} workers",
-        args.payload,
-        args.clients,
-        args.pipeline.unwrap_or(1),
-        args.workers
-    );
-    println!(
-        "  {:.3} s: {:.0} round trips/s; latency ms p50 {:.3} p99 {:.3} p999 {:.3} max {:.3}",
-        elapsed.as_secs_f64(),
-        rate(done, elapsed),
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
-        pct(1.0)
-    );
-    print!("{cpu_line}");
-    println!(
-        "RESULT mode=foreground label={} jobs={done} seconds={:.4} rt_per_s={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} max_ms={:.3}{cpu}{}{}",
-        args.label,
-        elapsed.as_secs_f64(),
-        rate(done, elapsed),
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
-        pct(1.0),
-        errors_field(&shared),
-        rss(args.server_pid)
-    );
-    Ok(())
+    crate::report::round_trips(
+        "foreground",
+        "round trips",
+        &args,
+        &shared,
+        clients,
+        workers,
+        t0,
+        cpu,
+    )
+    .await
 }
 
 pub async fn submit_only(args: &Args) -> io::Result<()> {
