@@ -80,17 +80,14 @@ impl Engine {
     /// order (for `status` and `prioritystatus`).
     pub fn functions_page(&self, after: Option<&Bytes>) -> Page<FunctionStat, Bytes> {
         let st = self.lock();
-        let mut ids: Vec<(&Bytes, usize)> = st
+        let mut page: Vec<&super::job::Function> = st
             .functions
             .iter()
-            .filter(|(_, f)| after.is_none_or(|a| f.name > *a))
-            .map(|(id, f)| (&f.name, id))
+            .map(|(_, f)| f)
+            .filter(|f| after.is_none_or(|a| f.name > *a))
             .collect();
-        let more = first_sorted(&mut ids, PAGE_FUNCTIONS);
-        let items: Vec<FunctionStat> = ids
-            .iter()
-            .map(|&(_, id)| self.stat_of(&st.functions[id]))
-            .collect();
+        let more = first_sorted(&mut page, PAGE_FUNCTIONS, |f| &f.name);
+        let items: Vec<FunctionStat> = page.iter().map(|f| self.stat_of(f)).collect();
         let next = more
             .then(|| items.last().map(|f| f.name_bytes.clone()))
             .flatten();
@@ -101,29 +98,26 @@ impl Engine {
     /// in id order (for `workers`).
     pub fn connections_page(&self, after: Option<ConnId>) -> Page<ConnInfo, ConnId> {
         let st = self.lock();
-        let mut ids: Vec<(ConnId, ())> = st
+        let mut ids: Vec<ConnId> = st
             .conns
             .keys()
-            .filter(|&&id| after.is_none_or(|a| id > a))
-            .map(|&id| (id, ()))
+            .copied()
+            .filter(|&id| after.is_none_or(|a| id > a))
             .collect();
-        let more = first_sorted(&mut ids, PAGE_CONNECTIONS);
-        let items: Vec<ConnInfo> = ids
-            .iter()
-            .map(|&(id, ())| self.conn_info(&st, id))
-            .collect();
+        let more = first_sorted(&mut ids, PAGE_CONNECTIONS, |&id| id);
+        let items: Vec<ConnInfo> = ids.iter().map(|&id| self.conn_info(&st, id)).collect();
         let next = more.then(|| items.last().map(|c| c.id)).flatten();
         Page { items, next }
     }
 }
 
-/// Keeps the `n` smallest of `v` by key, sorted; true when some were left out (another page).
-fn first_sorted<K: Ord, T>(v: &mut Vec<(K, T)>, n: usize) -> bool {
+/// Keeps the `n` smallest of `v` by `key`, sorted; true when some were left out (another page).
+fn first_sorted<T, K: Ord>(v: &mut Vec<T>, n: usize, key: impl Fn(&T) -> K) -> bool {
     let more = v.len() > n;
     if more {
-        v.select_nth_unstable_by(n - 1, |a, b| a.0.cmp(&b.0));
+        v.select_nth_unstable_by(n - 1, |a, b| key(a).cmp(&key(b)));
         v.truncate(n);
     }
-    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v.sort_unstable_by_key(&key);
     more
 }

@@ -139,14 +139,6 @@ impl Engine {
         t
     }
 
-    /// Every connection with its registered functions, by connection id.
-    pub fn connections(&self) -> Vec<ConnInfo> {
-        let st = self.lock();
-        let mut ids: Vec<ConnId> = st.conns.keys().copied().collect();
-        ids.sort_unstable();
-        ids.into_iter().map(|id| self.conn_info(&st, id)).collect()
-    }
-
     /// One connection's snapshot (under the lock; `id` is a live connection).
     pub(super) fn conn_info(&self, st: &super::State, id: ConnId) -> ConnInfo {
         let c = &st.conns[&id];
