@@ -76,3 +76,22 @@ async fn refusals_and_outages_are_errors_that_say_why() {
         Err(KvError::Unreachable(_))
     ));
 }
+
+#[tokio::test]
+async fn a_caller_dropped_mid_request_does_not_hand_its_reply_to_the_next() {
+    use futures::FutureExt;
+    let a = Memcached::start(64, &[]);
+    let store = kv(&[&a], 1);
+    store.set(b"t:drop:one", b"one", 0).await.unwrap();
+    store.set(b"t:drop:two", b"two", 0).await.unwrap();
+    for round in 0..20 {
+        // One poll writes the request on the open connection; dropping the future then leaves
+        // its reply unread (an HTTP handler whose client went away does this).
+        let dropped = store.get(b"t:drop:one").now_or_never();
+        if let Some(r) = dropped {
+            assert_eq!(r.unwrap().as_deref(), Some(&b"one"[..]));
+        }
+        let v = store.get(b"t:drop:two").await.unwrap();
+        assert_eq!(v.as_deref(), Some(&b"two"[..]), "round {round}");
+    }
+}

@@ -111,7 +111,9 @@ impl Kv {
         for i in self.replica_nodes(key) {
             match self.one(i, &req).await {
                 Ok(Reply::Value(v)) => return Ok(Some(v)),
-                Ok(_) => answered = true,
+                Ok(Reply::Miss) => answered = true,
+                // Not an answer to a get: say so rather than report a miss.
+                Ok(other) => last = format!("{}: unexpected reply {other:?}", self.addrs[i]),
                 Err(e) => last = format!("{}: {e}", self.addrs[i]),
             }
         }
@@ -167,23 +169,23 @@ impl Kv {
 
     /// One request with one reply on node `i`, connecting first if needed; the connection is
     /// dropped after any error so the next call starts clean.
+    ///
+    /// The connection is taken out of its slot for the exchange and put back only once the
+    /// reply is read: a caller dropped in between (an HTTP handler whose client went away, a
+    /// task stopped at shutdown) drops the connection with it. Left in the slot, it would hand
+    /// that request's reply to the next caller (a `get` of the schedule index reading another
+    /// request's `HD` as a miss would forget every schedule).
     async fn one(&self, i: usize, req: &[u8]) -> Result<Reply, ClientError> {
         let mut slot = self.conns[i].lock().await;
-        if slot.is_none() {
-            *slot = Some(Connection::connect(&self.addrs[i], self.timeout).await?);
-        }
-        let conn = slot.as_mut().expect("connected above");
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => Connection::connect(&self.addrs[i], self.timeout).await?,
+        };
         let mut reply = None;
-        let r = conn
-            .exchange(req, 1, self.timeout, |_, r| reply = Some(r))
-            .await;
-        match r {
-            Ok(()) => Ok(reply.expect("one reply read")),
-            Err(e) => {
-                *slot = None;
-                Err(e)
-            }
-        }
+        conn.exchange(req, 1, self.timeout, |_, r| reply = Some(r))
+            .await?;
+        *slot = Some(conn);
+        Ok(reply.expect("one reply read"))
     }
 }
 
