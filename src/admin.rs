@@ -24,6 +24,10 @@ pub enum AfterAdmin {
     /// each before it takes the next, so neither the engine lock nor the connection's unsent
     /// output grows with what is listed.
     List(Listing),
+    /// `takeover <node> ...`: the connection hands the request to the persistence layer and
+    /// writes its one-line answer when it comes (`crate::persist::on_request`); nothing is
+    /// written before.
+    Takeover(crate::persist::on_request::TakeoverAsk),
 }
 
 /// The admin listings produced in pages.
@@ -287,6 +291,20 @@ pub fn execute(
             ("verbose", true, AfterAdmin::Continue)
         }
         ("shutdown", _) => shutdown(sub == "graceful", from, out),
+        ("takeover", _) if from.refuses("takeover", out) => {
+            ("takeover", false, AfterAdmin::Continue)
+        }
+        ("takeover", _) => match crate::persist::on_request::parse(&words[1..]) {
+            Ok(ask) => {
+                let _span = from.span("takeover").entered();
+                tracing::info!(node = %ask.node, "takeover requested");
+                ("takeover", true, AfterAdmin::Takeover(ask))
+            }
+            Err(line) => {
+                out.put_slice(line.as_bytes());
+                ("takeover", false, AfterAdmin::Continue)
+            }
+        },
         _ => {
             out.put_slice(b"ERR ");
             out.put_slice(ErrorCode::UnknownCommand.as_str().as_bytes());

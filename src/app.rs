@@ -213,6 +213,7 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         cache: cache.clone(),
         dead_letters: dead_letters.clone(),
     }));
+    let takeover = persistence.as_ref().map(|p| p.takeover_requests());
     Ok(Parts {
         engine,
         health: Arc::new(Health::default()),
@@ -223,6 +224,7 @@ fn build(cfg: &Config) -> Result<Parts, AppError> {
         services: server::Services {
             cache: Some(cache),
             dead_letters: Some(dead_letters),
+            takeover,
         },
     })
 }

@@ -107,6 +107,32 @@ fn recover(a: RecoverArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // First ask the server to take the node over itself (jobs keep their handles, dead letters
+    // move); only a server that cannot gets the jobs through the protocol.
+    use gearhouse::persist::on_request::{ask_server, Answer, TakeoverAsk};
+    let ask = TakeoverAsk {
+        node: a.from_node.clone(),
+        namespace: Some(t.namespace.clone()),
+        memcached: Some(t.memcached.clone()),
+    };
+    let asked = rt.block_on(ask_server(
+        &t.server,
+        &ask,
+        std::time::Duration::from_secs(a.takeover_timeout_s),
+    ));
+    match asked {
+        Ok(Answer::Done(text)) => {
+            println!("{text} (into {}, by the server itself)", t.server);
+            return Ok(());
+        }
+        Ok(Answer::Refused(line)) => anyhow::bail!("the server at {} refused: {line}", t.server),
+        Ok(Answer::Fallback(line)) => tracing::warn!(
+            "the server at {} cannot take node {} over itself ({line}): moving the jobs through the Gearman protocol (they get new handles; dead letters stay in memcached)",
+            t.server,
+            a.from_node
+        ),
+        Err(e) => anyhow::bail!("cannot ask the gearhouse server at {}: {e}", t.server),
+    }
     let sum = rt.block_on(gearhouse::persist::takeover::recover_into_server(&t))?;
     println!(
         "moved {} jobs of node {} into {} ({} refused)",

@@ -109,9 +109,12 @@ pub struct RecoverArgs {
     /// Submits in flight at once.
     #[arg(long, default_value_t = 16)]
     pub parallel: usize,
-    /// Name recorded in the takeover lock key.
+    /// Name recorded in the takeover lock key (when the jobs go through the protocol).
     #[arg(long, default_value = "gearhouse-recover")]
     pub owner: String,
+    /// How long to wait for the server's own takeover (admin command `takeover`) to answer.
+    #[arg(long, default_value_t = 600)]
+    pub takeover_timeout_s: u64,
 }
 
 /// `serve` and `config` flags: gearhouse's own, and gearmand's that map (see README,

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::kv::Kv;
+use super::on_request::{Attempt, TakeoverRequest};
 use super::recovery::Cluster;
 use super::takeover::{self, Mover, Outcome};
 use super::{lock, record, Settings};
@@ -63,7 +64,7 @@ const REGISTRY_LOCK_TTL_S: u32 = 5;
 const MAX_TAKEOVERS_SHOWN: usize = 32;
 
 /// The `result` label values of `gearhouse_takeovers_total`.
-pub const RESULTS: [&str; 3] = ["moved", "lost_claim", "failed"];
+pub const RESULTS: [&str; 4] = ["moved", "requested", "lost_claim", "failed"];
 
 /// Timing of leases, derived from `persistence.takeover_after_s` and `lease_renew_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,14 +119,14 @@ impl LeaseMetrics {
             takeovers: IntCounterVec::new(
                 Opts::new(
                     "gearhouse_takeovers_total",
-                    "Automatic takeovers of a dead node's queue started by this server, by result (moved, lost_claim: another server holds the lock, failed)",
+                    "Takeovers of a dead node's queue started by this server, by result (moved: automatic, after its lease lapsed; requested: asked by the admin command takeover; lost_claim: another server holds the lock; failed)",
                 ),
                 &["result"],
             )
             .expect("counter"),
             jobs_taken_over: IntCounter::new(
                 "gearhouse_takeover_jobs_total",
-                "Jobs moved into this server by automatic takeovers",
+                "Jobs moved into this server by takeovers (automatic or requested)",
             )
             .expect("counter"),
             renew_failures: IntCounter::new(
@@ -416,25 +417,35 @@ impl Liveness {
         }
     }
 
-    /// Watches the peers every `renew` interval until `shutdown` and takes over the dead ones.
+    /// Watches the peers every `renew` interval until `shutdown` and takes over the dead ones
+    /// (with `takeover_after_s` > 0), and answers operators' `takeover` requests.
     pub async fn watch_forever(
         self: Arc<Self>,
         mover: Mover,
         engine: Engine,
         origins: HashMap<String, HashSet<u64>>,
         health: Arc<Health>,
+        mut requests: tokio::sync::mpsc::Receiver<TakeoverRequest>,
         shutdown: CancellationToken,
     ) {
-        let Some(after) = self.timing.takeover_after else {
-            return;
-        };
         let mut tick = tokio::time::interval(self.timing.renew);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                Some(req) = requests.recv() => {
+                    // One at a time, here: a requested and an automatic takeover of the same
+                    // node never run at once in this server.
+                    self.answer(req, &mover, &engine, &origins).await;
+                    self.publish(&health);
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
+            // With takeovers off this task only answers requests.
+            let Some(after) = self.timing.takeover_after else {
+                continue;
+            };
             let Ok(ids) = self.registry().await else {
                 continue;
             };
@@ -446,7 +457,7 @@ impl Liveness {
                 if self.peer_is_dead(id, after).await {
                     let none = HashSet::new();
                     let already = origins.get(id).unwrap_or(&none);
-                    self.take_over(&mover, &engine, id, already).await;
+                    self.take_over(&mover, &engine, id, already, true).await;
                 }
             }
             self.publish(&health);
@@ -474,8 +485,16 @@ impl Liveness {
         since.elapsed() >= after && !st.empty.contains(node)
     }
 
-    /// Takes `node`'s queue over if it holds jobs and no one else has its lock.
-    async fn take_over(&self, mover: &Mover, engine: &Engine, node: &str, already: &HashSet<u64>) {
+    /// Takes `node`'s queue over if it holds jobs and no one else has its lock (`automatic`:
+    /// its lease lapsed; else an operator asked, see [`super::on_request`]).
+    async fn take_over(
+        &self,
+        mover: &Mover,
+        engine: &Engine,
+        node: &str,
+        already: &HashSet<u64>,
+        automatic: bool,
+    ) -> Attempt {
         let lock_key = record::takeover_key(&self.namespace, node);
         let again = match self.kv.get(&lock_key).await {
             Ok(Some(v)) => {
@@ -484,24 +503,25 @@ impl Liveness {
                     // Only the lock's owner acts on it: two servers deleting and re-claiming
                     // a lock could both win. (An owner that died half-way resumes when it
                     // restarts; README: the operator's way out if it never does.)
-                    if lock(&self.state).logged_owner.insert(node.to_string()) && !done {
+                    if automatic && lock(&self.state).logged_owner.insert(node.to_string()) && !done
+                    {
                         tracing::info!(
                             "node {node}'s lease lapsed; node {owner} is taking its queue over"
                         );
                     }
-                    return;
+                    return Attempt::LockedBy { owner, done };
                 }
                 // Ours: unfinished (this server restarted half-way: resume it), or done and
                 // the node has queued jobs again since (it came back fenced and died).
                 done
             }
             Ok(None) => false,
-            Err(_) => return,
+            Err(e) => return Attempt::Unreadable(e.to_string()),
         };
         let mut cl = Cluster::open(&mover.settings).await;
         let range = match cl.watermarks(&self.namespace, node).await {
             Ok(r) => r,
-            Err(_) => return,
+            Err(e) => return Attempt::Unreadable(e.to_string()),
         };
         drop(cl);
         if range.is_none_or(|(lo, hi)| lo > hi) {
@@ -510,25 +530,21 @@ impl Liveness {
                 Ok(true) => {}
                 Ok(false) => {
                     lock(&self.state).empty.insert(node.to_string());
-                    return;
+                    return Attempt::Nothing;
                 }
-                Err(_) => return,
+                Err(e) => return Attempt::Unreadable(e.to_string()),
             }
         }
-        if again
-            && self
-                .kv
-                .set(&lock_key, self.node_id.as_bytes(), 0)
-                .await
-                .is_err()
-        {
-            return;
+        if again {
+            if let Err(e) = self.kv.set(&lock_key, self.node_id.as_bytes(), 0).await {
+                return Attempt::Unreadable(e.to_string());
+            }
         }
         let span = tracing::info_span!(
             "gearhouse.takeover",
             from_node = %node,
             into_node = %self.node_id,
-            automatic = true,
+            automatic,
             jobs = tracing::field::Empty,
         );
         let lapsed = lock(&self.state)
@@ -537,10 +553,17 @@ impl Liveness {
             .map(|t| t.elapsed().as_secs_f64())
             .unwrap_or_default();
         let result = async {
-            tracing::warn!(
-                from_node = %node,
-                "node {node}'s lease has been missing for {lapsed:.1} s: taking its queue over"
-            );
+            if automatic {
+                tracing::warn!(
+                    from_node = %node,
+                    "node {node}'s lease has been missing for {lapsed:.1} s: taking its queue over"
+                );
+            } else {
+                tracing::warn!(
+                    from_node = %node,
+                    "taking node {node}'s queue over, as the admin command takeover asked"
+                );
+            }
             let r = takeover::run(mover, engine, node, already).await;
             if let Ok(Outcome::Moved { moved, .. }) = &r {
                 tracing::Span::current().record("jobs", moved);
@@ -549,9 +572,10 @@ impl Liveness {
         }
         .instrument(span)
         .await;
+        let how = if automatic { "moved" } else { "requested" };
         match result {
             Ok(Outcome::Moved { moved, skipped }) => {
-                self.metrics.takeovers.with_label_values(&["moved"]).inc();
+                self.metrics.takeovers.with_label_values(&[how]).inc();
                 self.metrics.jobs_taken_over.inc_by(moved);
                 tracing::warn!(
                     from_node = %node,
@@ -568,6 +592,7 @@ impl Liveness {
                 });
                 let excess = st.takeovers.len().saturating_sub(MAX_TAKEOVERS_SHOWN);
                 st.takeovers.drain(..excess);
+                Attempt::Moved { moved, skipped }
             }
             Ok(Outcome::OwnedBy(owner)) => {
                 self.metrics
@@ -576,12 +601,41 @@ impl Liveness {
                     .inc();
                 tracing::info!("node {node}'s queue is taken over by {owner}, not by this server");
                 lock(&self.state).logged_owner.insert(node.to_string());
+                Attempt::LockedBy { owner, done: false }
             }
             Err(e) => {
                 self.metrics.takeovers.with_label_values(&["failed"]).inc();
                 tracing::error!("taking over node {node} failed (retried next tick): {e}");
+                Attempt::Failed(e.to_string())
             }
         }
+    }
+
+    /// Answers an operator's `takeover` request (see [`super::on_request`]): the node must not
+    /// be this server, must be of this server's cluster, and must not renew its lease.
+    pub(super) async fn answer(
+        &self,
+        req: TakeoverRequest,
+        mover: &Mover,
+        engine: &Engine,
+        origins: &HashMap<String, HashSet<u64>>,
+    ) {
+        let text = match req.check(&self.node_id, &mover.settings) {
+            Err(refusal) => refusal,
+            Ok(()) => match self.is_live(&req.ask.node).await {
+                Ok(true) => req.refuse_live(),
+                Err(e) => req.unreadable(&e.to_string()),
+                Ok(false) => {
+                    let none = HashSet::new();
+                    let already = origins.get(&req.ask.node).unwrap_or(&none);
+                    let attempt = self
+                        .take_over(mover, engine, &req.ask.node, already, false)
+                        .await;
+                    req.reply_text(&attempt)
+                }
+            },
+        };
+        let _ = req.reply.send(text);
     }
 
     /// Copies the state into `/api/v1/status` (`lease` and `takeovers`).

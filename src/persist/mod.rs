@@ -24,6 +24,7 @@ pub mod kv;
 pub mod lease;
 pub mod metrics;
 pub mod mirror;
+pub mod on_request;
 pub mod record;
 pub mod recovery;
 pub mod ring;
@@ -194,6 +195,9 @@ pub struct Persistence {
     liveness: Arc<lease::Liveness>,
     /// The dead-letter store takeovers move dead nodes' letters into (set by the app).
     letters: takeover::LetterStore,
+    /// Operators' `takeover` requests, answered by the lease watcher once started.
+    requests: on_request::TakeoverRequests,
+    requests_rx: Mutex<Option<tokio::sync::mpsc::Receiver<on_request::TakeoverRequest>>>,
 }
 
 impl Persistence {
@@ -203,6 +207,7 @@ impl Persistence {
         let mirror = MemcachedMirror::new(settings.clone(), metrics.clone());
         let kv = Arc::new(kv::Kv::from_settings(&settings));
         let liveness = lease::Liveness::new(&settings, kv.clone(), registry);
+        let (requests, rx) = on_request::channel();
         Persistence {
             settings,
             mirror,
@@ -210,7 +215,14 @@ impl Persistence {
             kv,
             liveness,
             letters: Default::default(),
+            requests,
+            requests_rx: Mutex::new(Some(rx)),
         }
+    }
+
+    /// Where the admin command `takeover` sends its requests (answered once the server is up).
+    pub fn takeover_requests(&self) -> on_request::TakeoverRequests {
+        self.requests.clone()
     }
 
     /// The dead-letter store that takeovers move a dead node's letters into.
@@ -303,11 +315,14 @@ impl Persistence {
         }
         health.set_persistence_status(self.mirror.status_json());
         self.warn_about_unowned_queues().await;
+        let (_, idle) = tokio::sync::mpsc::channel(1);
+        let requests = lock(&self.requests_rx).take().unwrap_or(idle);
         tokio::spawn(self.liveness.clone().watch_forever(
             self.mover(),
             engine.clone(),
             origins,
             health,
+            requests,
             shutdown,
         ));
         Ok(())

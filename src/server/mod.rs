@@ -76,6 +76,8 @@ impl Listener {
 pub struct Services {
     pub cache: Option<Arc<crate::cache::Cache>>,
     pub dead_letters: Option<Arc<crate::dead_letters::DeadLetters>>,
+    /// Where the admin command `takeover` goes (with persistence only).
+    pub takeover: Option<crate::persist::on_request::TakeoverRequests>,
 }
 
 /// The two stages of stopping, shared by the accept loop, every connection and the admin
@@ -553,6 +555,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     AfterAdmin::Shutdown { graceful: true } => self.shutdown.drain(),
                     AfterAdmin::Shutdown { graceful: false } => self.shutdown.now(),
                     AfterAdmin::List(l) => self.listing = Some(l),
+                    AfterAdmin::Takeover(ask) => {
+                        // Awaited here: this connection answers nothing else meanwhile (its
+                        // later requests wait in order); a kill or a stop leaves the takeover
+                        // running in the watcher and closes the connection.
+                        let answer = match &self.services.takeover {
+                            None => crate::persist::on_request::no_persistence(),
+                            Some(t) => tokio::select! {
+                                a = t.ask(ask) => a,
+                                _ = self.kill.cancelled() => return Some(Close::Killed),
+                                _ = self.shutdown.now.cancelled() => return Some(Close::Shutdown),
+                            },
+                        };
+                        self.framed
+                            .write_buffer_mut()
+                            .extend_from_slice(answer.as_bytes());
+                    }
                     AfterAdmin::Continue => {}
                 }
                 None

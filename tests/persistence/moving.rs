@@ -1,5 +1,6 @@
 //! A dead node's queue moved into another server: at start-up (`persistence.recover_from_node`)
-//! and into a running server by `gearhouse recover --from-node`.
+//! and into a running server by `gearhouse recover --from-node` through the Gearman protocol
+//! (the server's own takeover on request is tested in `tests/takeover/kept.rs`).
 
 use super::*;
 
@@ -88,7 +89,13 @@ async fn the_recover_command_moves_a_dead_nodes_queue_into_a_running_server() {
     )
     .await;
     a.kill9();
-    let c = start_server("node-c", &[&m1, &m2], &[]);
+    // A server of another namespace cannot take node-x over itself (the admin command
+    // `takeover` answers UNKNOWN_OPTION): the command moves the jobs through the protocol.
+    let c = start_server(
+        "node-c",
+        &[&m1, &m2],
+        &[("GEARHOUSE_PERSISTENCE__NAMESPACE", "elsewhere")],
+    );
     let list = memcached_list(&[&m1, &m2]);
     let server = format!("127.0.0.1:{}", c.port);
     let run = move || {
@@ -113,6 +120,11 @@ async fn the_recover_command_moves_a_dead_nodes_queue_into_a_running_server() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(stdout.contains("moved 500 jobs"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("cannot take node node-x over itself"),
+        "{stderr}"
+    );
     // A second run finds nothing left.
     let o = tokio::task::spawn_blocking(run).await.unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();

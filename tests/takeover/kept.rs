@@ -235,3 +235,134 @@ async fn dead_letters_move_with_the_queue_and_leave_the_dead_nodes_keys() {
     let log = b.log_text();
     assert!(log.contains("3 dead letters moved"), "{log}");
 }
+
+/// Runs `gearhouse recover --from-node NODE --memcached LIST --server ADDR`, again while the
+/// server answers that the node still renews its lease (its TTL after the kill), up to 15 s
+/// when `retry`.
+async fn recover_command(
+    node: &str,
+    list: &str,
+    server: SocketAddr,
+    retry: bool,
+) -> (bool, String) {
+    let args: Vec<String> = [
+        "recover",
+        "--from-node",
+        node,
+        "--memcached",
+        list,
+        "--server",
+        &server.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = args.clone();
+        let o = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(common::binary())
+                .args(&a)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if !retry
+            || o.status.success()
+            || !text.contains("renews its lease")
+            || Instant::now() > until
+        {
+            return (o.status.success(), text);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_recover_command_has_the_server_take_over_with_handles_and_dead_letters() {
+    let _serial = SERIAL.lock().await;
+    let ms: Vec<Memcached> = (0..2).map(|_| Memcached::start(64, &["-M"])).collect();
+    let list = memcached_list(&ms.iter().collect::<Vec<_>>());
+    // Automatic takeover off: only the command moves the queue. A short lease (2 s TTL) so the
+    // dead node's lease lapses soon after the kill.
+    let env = [
+        ("GEARHOUSE_FUNCTIONS__CMDDL__DEAD_LETTER", "true"),
+        ("GEARHOUSE_PERSISTENCE__LEASE_RENEW_MS", "300"),
+    ];
+    let mut a = start("cmd-a", &list, 0, &env).await;
+    let b = start("cmd-b", &list, 0, &env).await;
+    let n = 300;
+    let created = submit_for_handles(a.addr(), 0..n).await;
+    let mut c = Connection::connect(a.addr()).await.unwrap();
+    for i in 0..2 {
+        c.submit_background(&Job::new("cmddl", &format!("payload-{i}")).unique(&format!("u-{i}")))
+            .await
+            .unwrap();
+    }
+    common::fail_jobs(a.addr(), "cmddl", 2).await;
+    let a_http = a.http_addr();
+    eventually(
+        "cmd-a to keep 2 persisted dead letters",
+        Duration::from_secs(10),
+        || a.log_text(),
+        || async move {
+            let l = dead_letters(a_http).await;
+            l.len() == 2 && l.iter().all(|d| d["persisted"] == true)
+        },
+    )
+    .await;
+    let before = dead_letters(a_http).await;
+    // A live node is refused by name.
+    let (ok, text) = recover_command("cmd-a", &list, b.addr(), false).await;
+    assert!(!ok && text.contains("renews its lease"), "{text}");
+
+    a.kill9();
+    let (ok, text) = recover_command("cmd-a", &list, b.addr(), true).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("moved {n} jobs of node cmd-a with their handles")),
+        "{text}"
+    );
+    let ran = Arc::new(Ran::default());
+    let _w = workers(b.addr(), 2, &ran);
+    let r = ran.clone();
+    eventually(
+        "cmd-b to run cmd-a's jobs",
+        Duration::from_secs(10),
+        || b.log_text(),
+        || {
+            let r = r.clone();
+            async move { r.distinct() >= n as usize }
+        },
+    )
+    .await;
+    assert_eq!(check_none_lost("recover command", 0..n, &ran.snapshot()), 0);
+    let got = ran.handles.lock().unwrap().clone();
+    assert_eq!(got, created, "the handles cmd-b's workers got");
+    let after = dead_letters(b.http_addr()).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(old["handle"], new["handle"], "{new}");
+        assert_eq!(old["payload"], new["payload"], "{new}");
+    }
+    // Run again: nothing is left, and the answer says so.
+    let (ok, text) = recover_command("cmd-a", &list, b.addr(), false).await;
+    assert!(ok && text.contains("moved 0 jobs of node cmd-a"), "{text}");
+    // The requested takeover is counted apart from automatic ones.
+    assert_eq!(
+        metric(
+            b.http_addr(),
+            "gearhouse_takeovers_total",
+            "result=\"requested\""
+        )
+        .await,
+        1.0
+    );
+    ran.stop.store(true, Ordering::SeqCst);
+}

@@ -4,7 +4,8 @@
 //! proxy that tells its sockets from the peer's through /proc) fences itself, the peer takes its
 //! queue over, and when its access comes back it runs none of the jobs the peer took; the
 //! start-up warning about a queue nobody owns; moved jobs keep the handles their clients got
-//! (through a chain of two takeovers), and dead letters move with the queue.
+//! (through a chain of two takeovers), and dead letters move with the queue, also when
+//! `gearhouse recover --from-node` asks a server to take a node over.
 //!
 //! One test binary: this file holds the harness (servers, workers that count what ran, metric
 //! and status reads), the kill test and the start-up warning; `cut_off.rs` the memcached cut-off
