@@ -421,6 +421,10 @@ async fn state_changing_commands_are_refused_outside_admin_networks() {
         line(&mut admin, "create function other").await,
         denied("create function")
     );
+    assert_eq!(
+        line(&mut admin, "takeover other-node").await,
+        denied("takeover")
+    );
     // Nothing changed, and read-only commands work.
     assert_eq!(listing(&mut admin, "status").await, "keep\t1\t0\t0\n.\n");
     assert_eq!(
@@ -435,6 +439,24 @@ async fn state_changing_commands_are_refused_outside_admin_networks() {
     let mut fresh = server.connect().await;
     fresh.send(ECHO_REQ, &[b"alive"]).await;
     assert_eq!(&fresh.expect(ECHO_RES).await.body[..], b"alive");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn takeover_says_why_it_cannot_run_without_persistence_or_arguments() {
+    let server = TestServer::start(&[]).await;
+    let mut admin = server.connect().await;
+    assert_eq!(
+        line(&mut admin, "takeover").await,
+        "ERR INVALID_ARGUMENTS usage:+takeover+<node+id>+[<namespace>+<memcached+host:port,...>]\r\n"
+    );
+    let answer = line(&mut admin, "takeover gh1").await;
+    assert!(
+        answer.starts_with("ERR UNKNOWN_OPTION persistence+is+off"),
+        "{answer}"
+    );
+    // The connection goes on.
+    assert_eq!(listing(&mut admin, "status").await, ".\n");
     server.stop().await;
 }
 
