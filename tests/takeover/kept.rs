@@ -145,6 +145,30 @@ async fn dead_letters(http: SocketAddr) -> Vec<serde_json::Value> {
     v["dead_letters"].as_array().cloned().unwrap_or_default()
 }
 
+/// Submits `n` background jobs of `function` (a `dead_letter` function) to `server` and fails
+/// them; returns its dead letters once memcached holds all `n`.
+async fn make_dead_letters(server: &BinServer, function: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut c = Connection::connect(server.addr()).await.unwrap();
+    for i in 0..n {
+        c.submit_background(&Job::new(function, &format!("payload-{i}")).unique(&format!("u-{i}")))
+            .await
+            .unwrap();
+    }
+    common::fail_jobs(server.addr(), function, n).await;
+    let http = server.http_addr();
+    eventually(
+        &format!("{n} persisted dead letters"),
+        Duration::from_secs(10),
+        || server.log_text(),
+        || async move {
+            let l = dead_letters(http).await;
+            l.len() == n && l.iter().all(|d| d["persisted"] == true)
+        },
+    )
+    .await;
+    dead_letters(http).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letters_move_with_the_queue_and_leave_the_dead_nodes_keys() {
     let _serial = SERIAL.lock().await;
@@ -154,27 +178,9 @@ async fn dead_letters_move_with_the_queue_and_leave_the_dead_nodes_keys() {
     let env = [("GEARHOUSE_FUNCTIONS__MOVEDL__DEAD_LETTER", "true")];
     let mut a = start("dl-a", &list, takeover_after, &env).await;
     let b = start("dl-b", &list, takeover_after, &env).await;
-    let a_http = a.http_addr();
 
     // Three background jobs fail on dl-a and become its dead letters, in memcached.
-    let mut c = Connection::connect(a.addr()).await.unwrap();
-    for i in 0..3 {
-        c.submit_background(&Job::new("movedl", &format!("payload-{i}")).unique(&format!("u-{i}")))
-            .await
-            .unwrap();
-    }
-    common::fail_jobs(a.addr(), "movedl", 3).await;
-    eventually(
-        "dl-a to keep 3 persisted dead letters",
-        Duration::from_secs(10),
-        || a.log_text(),
-        || async move {
-            let l = dead_letters(a_http).await;
-            l.len() == 3 && l.iter().all(|d| d["persisted"] == true)
-        },
-    )
-    .await;
-    let before = dead_letters(a_http).await;
+    let before = make_dead_letters(&a, "movedl", 3).await;
     // No job is queued on dl-a: its letters alone make it worth taking over.
     let nodes: Vec<String> = ms.iter().map(|m| m.addr()).collect();
     let kv = Kv::new(&nodes, 2, Duration::from_secs(2));
@@ -299,25 +305,7 @@ async fn the_recover_command_has_the_server_take_over_with_handles_and_dead_lett
     let b = start("cmd-b", &list, 0, &env).await;
     let n = 300;
     let created = submit_for_handles(a.addr(), 0..n).await;
-    let mut c = Connection::connect(a.addr()).await.unwrap();
-    for i in 0..2 {
-        c.submit_background(&Job::new("cmddl", &format!("payload-{i}")).unique(&format!("u-{i}")))
-            .await
-            .unwrap();
-    }
-    common::fail_jobs(a.addr(), "cmddl", 2).await;
-    let a_http = a.http_addr();
-    eventually(
-        "cmd-a to keep 2 persisted dead letters",
-        Duration::from_secs(10),
-        || a.log_text(),
-        || async move {
-            let l = dead_letters(a_http).await;
-            l.len() == 2 && l.iter().all(|d| d["persisted"] == true)
-        },
-    )
-    .await;
-    let before = dead_letters(a_http).await;
+    let before = make_dead_letters(&a, "cmddl", 2).await;
     // A live node is refused by name.
     let (ok, text) = recover_command("cmd-a", &list, b.addr(), false).await;
     assert!(!ok && text.contains("renews its lease"), "{text}");
