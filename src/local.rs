@@ -55,10 +55,34 @@ impl LocalClient {
     /// server itself), shown in `workers`, traces and logs. `outbound` bounds the packets the
     /// engine may queue for it, as `server.outbound_queue` does for sockets.
     pub fn connect(engine: &Engine, peer: SocketAddr, client_id: &str, outbound: usize) -> Self {
+        let client_id = Bytes::copy_from_slice(client_id.as_bytes());
+        Self::open(engine, peer, client_id, outbound, false)
+    }
+
+    /// [`LocalClient::connect`], asking for WORK_EXCEPTION from the start when `exceptions`
+    /// (as [`LocalClient::want_exceptions`] would): one engine lock turn instead of three,
+    /// which counts for HTTP, where every request connects.
+    pub fn connect_with(
+        engine: &Engine,
+        peer: SocketAddr,
+        client_id: &'static str,
+        outbound: usize,
+        exceptions: bool,
+    ) -> Self {
+        let client_id = Bytes::from_static(client_id.as_bytes());
+        Self::open(engine, peer, client_id, outbound, exceptions)
+    }
+
+    fn open(
+        engine: &Engine,
+        peer: SocketAddr,
+        client_id: Bytes,
+        outbound: usize,
+        exceptions: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(outbound.max(1));
         let kill = CancellationToken::new();
-        let conn = engine.connect(peer, tx, kill.clone());
-        engine.set_client_id(conn, Bytes::copy_from_slice(client_id.as_bytes()));
+        let conn = engine.connect_client(peer, tx, kill.clone(), client_id, exceptions);
         LocalClient {
             engine: engine.clone(),
             conn,
