@@ -330,10 +330,7 @@ impl Jobs {
                 }
             }
         }
-        let mut c = self.connect(peer);
-        if exceptions {
-            c.want_exceptions();
-        }
+        let mut c = self.connect(peer, exceptions);
         // One timer for both waits (a timer is registered and removed per `timeout`): JOB_CREATED
         // can wait for a durable write when the job joins a background one, then the result.
         let mut created = None;
@@ -362,14 +359,20 @@ impl Jobs {
         peer: SocketAddr,
         job: JobRequest,
     ) -> Result<Outcome, Refusal> {
-        let mut c = self.connect(peer);
+        let mut c = self.connect(peer, false);
         let handle = c.submit(job.into_submit()).await?;
         Ok(Outcome::Created { handle })
     }
 
-    fn connect(&self, peer: SocketAddr) -> LocalClient {
+    fn connect(&self, peer: SocketAddr, exceptions: bool) -> LocalClient {
         let s = &self.inner;
-        LocalClient::connect(&s.engine, peer, "http", s.settings.outbound_queue)
+        LocalClient::connect_with(
+            &s.engine,
+            peer,
+            "http",
+            s.settings.outbound_queue,
+            exceptions,
+        )
     }
 
     /// One submission request, whatever path it came by: access, readiness, the in-flight
@@ -563,21 +566,33 @@ pub(super) fn function_from(p: Result<Path<String>, PathRejection>) -> Result<St
         .map_err(|e| Refusal::BadFunction(e.body_text()))
 }
 
-/// `POST /jobs/{function}`.
+/// `POST /jobs/{function}` through the router: the requests the front (`front.rs`) leaves to it.
 async fn post_job(
     State(jobs): State<Jobs>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     function: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    let timer = jobs.metrics().start(Route::Submit);
-    let function = function_from(function);
-    let r = match jobs.submit_request(peer, function, req, b"", true).await {
-        Ok(outcome) => answer(outcome),
-        Err(refusal) => refusal.into_response(),
-    };
-    timer.finish(r.status());
-    r
+    jobs.post_job(peer, function_from(function), req).await
+}
+
+impl Jobs {
+    /// `POST /jobs/{function}`, whichever way the request came: the router's handler or the
+    /// front's direct call.
+    pub(super) async fn post_job(
+        &self,
+        peer: SocketAddr,
+        function: Result<String, Refusal>,
+        req: Request,
+    ) -> Response {
+        let timer = self.metrics().start(Route::Submit);
+        let r = match self.submit_request(peer, function, req, b"", true).await {
+            Ok(outcome) => answer(outcome),
+            Err(refusal) => refusal.into_response(),
+        };
+        timer.finish(r.status());
+        r
+    }
 }
 
 /// The native answer to a finished submission: 202 for a queued background job, 200 with the
