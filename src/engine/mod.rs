@@ -525,6 +525,20 @@ impl Engine {
         tx: mpsc::Sender<Bytes>,
         kill: CancellationToken,
     ) -> ConnId {
+        self.connect_client(peer, tx, kill, Bytes::new(), false)
+    }
+
+    /// [`Engine::connect`] followed by SET_CLIENT_ID `client_id` (empty: none) and, with
+    /// `exceptions`, OPTION_REQ exceptions, in one turn of the lock: an in-process client
+    /// (`LocalClient`, one per HTTP request) would otherwise take it three times to get there.
+    pub fn connect_client(
+        &self,
+        peer: SocketAddr,
+        tx: mpsc::Sender<Bytes>,
+        kill: CancellationToken,
+        client_id: Bytes,
+        exceptions: bool,
+    ) -> ConnId {
         let mut st = self.lock();
         let id = st.next_conn;
         st.next_conn += 1;
@@ -534,16 +548,21 @@ impl Engine {
                 peer,
                 tx,
                 kill,
-                client_id: Bytes::from_static(b"-"),
+                client_id: if client_id.is_empty() {
+                    Bytes::from_static(b"-")
+                } else {
+                    client_id
+                },
                 abilities: Vec::new(),
                 sleeping: false,
                 sleep_gen: 0,
                 parked: false,
                 holding: Vec::new(),
                 waiting: Vec::new(),
-                exceptions: self.shared.cfg.exceptions,
+                exceptions: exceptions || self.shared.cfg.exceptions,
                 rotate: 0,
-                is_client: false,
+                // As after OPTION_REQ; otherwise its first submit says so.
+                is_client: exceptions,
             },
         );
         id

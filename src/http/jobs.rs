@@ -10,6 +10,10 @@
 //! `LocalClient` per request: it is a registration in the engine and a channel, no I/O, and a
 //! foreground request that times out or whose client hangs up drops it, which makes the engine
 //! cancel a job nobody else waits for and that has not started, as for a socket that closes.
+//! The channel and buffers of those connections ([`Line`]) are kept between requests in a small
+//! pool (at most [`IDLE_LINES`]): a request whose exchange ended gives its line back, one that
+//! timed out or was abandoned drops it. An idle line is registered nowhere: it holds no job and
+//! no unique id, and shows in no `workers` line or connection count.
 //!
 //! Refusals are a [`Refusal`] each with its own status (the table in README "Submitting work
 //! over HTTP"), decided before anything is buffered where possible: access, readiness and the
@@ -17,7 +21,7 @@
 //! [`Jobs::submit_foreground`], so a result cache can be put in front of it in one place.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
@@ -36,7 +40,7 @@ use super::Health;
 use crate::codec::{split_args, Frame, GearmanCodec};
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::local::{JobResult, LocalClient, LocalError};
+use crate::local::{JobResult, Line, LocalClient, LocalError};
 use crate::protocol::{ErrorCode, Priority, ProtocolError, Submit};
 
 /// `X-Gearman-Job-Handle`: the job's handle, on every answer that has one.
@@ -108,7 +112,14 @@ struct Inner {
     /// The result cache: a foreground job of a cached function with a unique id is answered
     /// from it when it holds the result, as on the Gearman port.
     cache: Option<Arc<crate::cache::Cache>>,
+    /// Idle lines for the next requests' connections, at most [`IDLE_LINES`]. A
+    /// `std::sync::Mutex`: held for a push or a pop, never across an await.
+    idle: Mutex<Vec<Line>>,
 }
+
+/// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
+/// benchmarks many times over; a burst beyond it allocates and frees lines as before.
+pub const IDLE_LINES: usize = 64;
 
 /// A job as an HTTP request describes it.
 #[derive(Debug, Clone)]
@@ -297,6 +308,7 @@ impl Jobs {
                 settings,
                 cache,
                 metrics,
+                idle: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -330,10 +342,7 @@ impl Jobs {
                 }
             }
         }
-        let mut c = self.connect(peer);
-        if exceptions {
-            c.want_exceptions();
-        }
+        let mut c = self.connect(peer, exceptions);
         // One timer for both waits (a timer is registered and removed per `timeout`): JOB_CREATED
         // can wait for a durable write when the job joins a background one, then the result.
         let mut created = None;
@@ -345,7 +354,11 @@ impl Jobs {
         })
         .await;
         match waited {
-            Ok(outcome) => Ok(outcome?),
+            Ok(Ok(outcome)) => {
+                self.release(c);
+                Ok(outcome)
+            }
+            Ok(Err(e)) => Err(e.into()),
             // Dropping `c` disconnects: the engine cancels the job if nobody else waits for it
             // and it has not started.
             Err(_) => Err(Refusal::Timeout {
@@ -362,14 +375,28 @@ impl Jobs {
         peer: SocketAddr,
         job: JobRequest,
     ) -> Result<Outcome, Refusal> {
-        let mut c = self.connect(peer);
+        let mut c = self.connect(peer, false);
         let handle = c.submit(job.into_submit()).await?;
+        self.release(c);
         Ok(Outcome::Created { handle })
     }
 
-    fn connect(&self, peer: SocketAddr) -> LocalClient {
+    /// A connection for one request, on an idle line when there is one.
+    fn connect(&self, peer: SocketAddr, exceptions: bool) -> LocalClient {
         let s = &self.inner;
-        LocalClient::connect(&s.engine, peer, "http", s.settings.outbound_queue)
+        let idle = s.idle.lock().expect("idle lines").pop();
+        let line = idle.unwrap_or_else(|| Line::new(s.settings.outbound_queue));
+        LocalClient::connect_with(&s.engine, peer, "http", line, exceptions)
+    }
+
+    /// Ends a request's connection whose exchange is over, keeping its line for the next.
+    fn release(&self, c: LocalClient) {
+        if let Some(line) = c.release() {
+            let mut idle = self.inner.idle.lock().expect("idle lines");
+            if idle.len() < IDLE_LINES {
+                idle.push(line);
+            }
+        }
     }
 
     /// One submission request, whatever path it came by: access, readiness, the in-flight
@@ -563,21 +590,33 @@ pub(super) fn function_from(p: Result<Path<String>, PathRejection>) -> Result<St
         .map_err(|e| Refusal::BadFunction(e.body_text()))
 }
 
-/// `POST /jobs/{function}`.
+/// `POST /jobs/{function}` through the router: the requests the front (`front.rs`) leaves to it.
 async fn post_job(
     State(jobs): State<Jobs>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     function: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    let timer = jobs.metrics().start(Route::Submit);
-    let function = function_from(function);
-    let r = match jobs.submit_request(peer, function, req, b"", true).await {
-        Ok(outcome) => answer(outcome),
-        Err(refusal) => refusal.into_response(),
-    };
-    timer.finish(r.status());
-    r
+    jobs.post_job(peer, function_from(function), req).await
+}
+
+impl Jobs {
+    /// `POST /jobs/{function}`, whichever way the request came: the router's handler or the
+    /// front's direct call.
+    pub(super) async fn post_job(
+        &self,
+        peer: SocketAddr,
+        function: Result<String, Refusal>,
+        req: Request,
+    ) -> Response {
+        let timer = self.metrics().start(Route::Submit);
+        let r = match self.submit_request(peer, function, req, b"", true).await {
+            Ok(outcome) => answer(outcome),
+            Err(refusal) => refusal.into_response(),
+        };
+        timer.finish(r.status());
+        r
+    }
 }
 
 /// The native answer to a finished submission: 202 for a queued background job, 200 with the

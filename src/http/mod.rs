@@ -2,9 +2,11 @@
 //! orchestrators, and `/api/v1/status` as JSON for people who would rather not parse the admin
 //! protocol, which also feeds the status page at `/` ([`page`]). [`functions`]: per-function
 //! settings (`/api/v1/functions/{name}`). Job submission (`/jobs/...`, gearmand's
-//! `/{function}` paths) lives in `jobs.rs` and `gearmand.rs`.
+//! `/{function}` paths) lives in `jobs.rs` and `gearmand.rs`; `POST /jobs/{function}` is
+//! answered in front of the router ([`front`]).
 
 pub mod access;
+pub mod front;
 pub mod functions;
 pub mod gearmand;
 pub mod job_metrics;
@@ -81,7 +83,7 @@ pub fn router(
     services: crate::server::Services,
 ) -> Router {
     let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs, services.cache.clone());
-    Router::new()
+    let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -94,7 +96,8 @@ pub fn router(
             services,
         })
         .merge(schedules::routes(engine))
-        .merge(jobs::routes(submission))
+        .merge(jobs::routes(submission.clone()));
+    front::wrap(app, submission)
 }
 
 /// Serves the HTTP routes and `more` (the functions API) on an already-bound listener until
