@@ -6,7 +6,7 @@
 //! - [`gearman_stream`]: the Gearman codec (binary packets and admin lines) and request parsing,
 //!   fed in arbitrary pieces: the frames do not depend on how the bytes were split, never exceed
 //!   the limits, and the buffer never grows past what arrived plus one body within the limit.
-//! - [`admin_lines`]: admin text lines run against an engine holding jobs: every line gets an
+//! - [`admin_lines`]: admin text lines run against a new engine holding jobs: every line gets an
 //!   answer ending in a newline.
 //! - [`memcached_replies`]: memcached meta-protocol replies: a length on the wire never sizes an
 //!   allocation before the bytes arrive.
@@ -14,7 +14,7 @@
 //!   that decodes the same.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
@@ -90,15 +90,22 @@ fn decode_all(data: &[u8], cuts: &[u8], min_piece: usize) -> (Vec<Frame>, Option
     (frames, None)
 }
 
-/// Runs each line of `data` as an admin command (from a non-admin and an admin peer) against an
-/// engine holding a few jobs and a worker.
+/// Runs each line of `data` as an admin command (from a non-admin and an admin peer) against a
+/// new engine holding three queued jobs, and checks that every line gets an answer ending in a
+/// newline.
 pub fn admin_lines(data: &[u8]) {
-    let engine = Engine::new(
-        EngineConfig::default(),
-        Arc::new(Metrics::new(16)),
-        None,
-        None,
-    );
+    admin_answers(data);
+}
+
+/// What [`admin_lines`] answers to `data`, every answer in order (for tests that compare runs).
+///
+/// The engine is new for each input, so nothing an input changes (`maxqueue`, `limit`,
+/// `cancel job`, `drop function`, a `shutdown` that only answers here) reaches the next one and
+/// the same input always takes the same path, as libFuzzer needs. What is costly and never read
+/// by an admin command is built once per process ([`admin_fixture`]).
+pub fn admin_answers(data: &[u8]) -> Vec<u8> {
+    let fixture = admin_fixture();
+    let engine = Engine::new(fixture.cfg.clone(), fixture.metrics.clone(), None, None);
     let peer: SocketAddr = "127.0.0.1:9".parse().expect("address");
     let (tx, _rx) = tokio::sync::mpsc::channel(16);
     let conn = engine.connect(peer, tx, Default::default());
@@ -118,6 +125,7 @@ pub fn admin_lines(data: &[u8]) {
             &mut out,
         );
     }
+    let mut answers = Vec::new();
     for line in data.split(|&b| b == b'\n').take(64) {
         for admin in [false, true] {
             let mut out = BytesMut::new();
@@ -127,8 +135,28 @@ pub fn admin_lines(data: &[u8]) {
                 l.write_all(&engine, &mut out);
             }
             assert!(out.ends_with(b"\n"), "admin answer without a newline");
+            answers.extend_from_slice(&out);
         }
     }
+    answers
+}
+
+/// What every [`admin_lines`] input shares: building them per input (parsing
+/// `config/default.toml`, registering ~50 metric families) took most of its time.
+struct AdminFixture {
+    cfg: EngineConfig,
+    /// Only written by the engine, never read by an admin command. Its function label cap is 0,
+    /// so every function's label folds into `__other__` from the first input on: no input
+    /// decides another's labels (or path), and the registry holds one label value per family.
+    metrics: Arc<Metrics>,
+}
+
+fn admin_fixture() -> &'static AdminFixture {
+    static FIXTURE: OnceLock<AdminFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| AdminFixture {
+        cfg: EngineConfig::default(),
+        metrics: Arc::new(Metrics::new(0)),
+    })
 }
 
 /// Parses memcached replies from `data` until more bytes are needed or an error.

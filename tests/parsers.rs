@@ -130,3 +130,31 @@ proptest! {
         fuzzing::admin_lines(lines.join("\n").as_bytes());
     }
 }
+
+/// libFuzzer needs each input to take the same path whatever ran before it: what one
+/// `admin_lines` input changes (queue limits, cancelled jobs, dropped functions, rate limits, a
+/// shutdown) is not seen by the next.
+#[test]
+fn admin_inputs_do_not_see_each_other() {
+    let probe = b"status\nprioritystatus\nshow jobs\nshow unique jobs\nshow limits\nworkers";
+    let changes = b"maxqueue a 1\nmaxqueue c 0 1 2\ncancel job H:gearhouse:1\ndrop function c\n\
+                    create function z\nlimit a 1 1 1\nshutdown graceful\nshutdown\n";
+    let fresh = fuzzing::admin_answers(probe);
+    // Within one input the changes show, so the probe can tell.
+    let changed = fuzzing::admin_answers(&[&changes[..], &probe[..]].concat());
+    let seen = String::from_utf8_lossy(&changed);
+    assert!(
+        !seen.contains("H:gearhouse:1\t"),
+        "job 1 was cancelled: {seen}"
+    );
+    assert!(seen.contains("z\t0\t0\t0\n"), "z was created: {seen}");
+    assert!(
+        String::from_utf8_lossy(&fresh).contains("H:gearhouse:1\t"),
+        "{}",
+        String::from_utf8_lossy(&fresh)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&fuzzing::admin_answers(probe)),
+        String::from_utf8_lossy(&fresh)
+    );
+}

@@ -45,6 +45,18 @@ impl CronExpr {
                 why: format!("{fields} fields"),
             });
         }
+        // A list with an empty element (`,`, `1,`, `,,5`) leaves croner a field that matches
+        // nothing, and it walks to year 5000 before saying so: seconds of CPU per packet (the
+        // gearman_stream fuzz target found it through SUBMIT_JOB_SCHED's hour field `,`).
+        if text
+            .split_ascii_whitespace()
+            .any(|f| f.contains(',') && f.split(',').any(str::is_empty))
+        {
+            return Err(CronError::Invalid {
+                expr: text.into(),
+                why: "a list with an empty element".into(),
+            });
+        }
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
             .year(Year::Disallowed)
@@ -161,6 +173,22 @@ mod tests {
             "2026-11-30T02:30:00Z"
         );
         assert_eq!(every_2s.latest_at_or_before(T), Some(T));
+    }
+
+    /// The gearman_stream fuzz target's input (a SUBMIT_JOB_SCHED with the hour field `,`)
+    /// took 5 s to refuse: croner searched to year 5000 for a field matching nothing.
+    #[test]
+    fn an_empty_list_element_is_refused_before_any_search() {
+        let e = next_sched_epoch([b"", b",", b"", b"", b""], T).unwrap_err();
+        assert!(
+            matches!(&e, CronError::Invalid { why, .. } if why.contains("empty element")),
+            "{e}"
+        );
+        for bad in ["1, * * * *", "* * ,,5 * *", "0 0 * * 1,,2", ", * * * * *"] {
+            let e = CronExpr::parse(bad).unwrap_err();
+            assert!(matches!(e, CronError::Invalid { .. }), "{bad:?}: {e}");
+        }
+        assert!(CronExpr::parse("0 1,13 * * 1,5").is_ok());
     }
 
     #[test]
