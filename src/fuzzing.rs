@@ -131,8 +131,13 @@ pub fn admin_answers(data: &[u8]) -> Vec<u8> {
             let mut out = BytesMut::new();
             let line = Bytes::copy_from_slice(line);
             let (_, _, after) = crate::admin::execute(&engine, &line, peer, admin, None, &mut out);
-            if let crate::admin::AfterAdmin::List(l) = after {
-                l.write_all(&engine, &mut out);
+            match after {
+                crate::admin::AfterAdmin::List(l) => l.write_all(&engine, &mut out),
+                // What the connection writes for it on a server without persistence.
+                crate::admin::AfterAdmin::Takeover(_) => {
+                    out.extend_from_slice(crate::persist::on_request::no_persistence().as_bytes())
+                }
+                _ => {}
             }
             assert!(out.ends_with(b"\n"), "admin answer without a newline");
             answers.extend_from_slice(&out);
