@@ -9,7 +9,7 @@
 //! fails (a missing file, a key that does not match) keeps the previous configuration and says
 //! why; the server never runs without a certificate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -78,41 +78,39 @@ impl Tls {
     }
 }
 
-fn read(setting: &'static str, path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::File {
         setting,
-        path: path.clone(),
+        path: path.to_path_buf(),
         why: e.to_string(),
     })
 }
 
-fn certs(setting: &'static str, path: &PathBuf) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(setting, path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+/// The PEM certificates in `path` (at least one); errors name `setting` (a config key, or a
+/// flag in the load generator) and the file.
+pub fn certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |why: String| TlsError::File {
+        setting,
+        path: path.to_path_buf(),
+        why,
+    };
+    let certs: Vec<_> = rustls_pemfile::certs(&mut read(setting, path)?.as_slice())
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::File {
-            setting,
-            path: path.clone(),
-            why: format!("not PEM certificates: {e}"),
-        })?;
+        .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::File {
-            setting,
-            path: path.clone(),
-            why: "holds no PEM certificate".into(),
-        });
+        return Err(bad("holds no PEM certificate".into()));
     }
     Ok(certs)
 }
 
-fn key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read("server.tls_key", path)?;
+/// The PEM private key in `path`; errors name `setting` and the file.
+pub fn key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bad = |why: String| TlsError::File {
-        setting: "server.tls_key",
-        path: path.clone(),
+        setting,
+        path: path.to_path_buf(),
         why,
     };
-    rustls_pemfile::private_key(&mut pem.as_slice())
+    rustls_pemfile::private_key(&mut read(setting, path)?.as_slice())
         .map_err(|e| bad(format!("not a PEM private key: {e}")))?
         .ok_or_else(|| bad("holds no PEM private key".into()))
 }
@@ -140,7 +138,10 @@ fn build(f: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
         }
     };
     builder
-        .with_single_cert(certs("server.tls_cert", &f.cert)?, key(&f.key)?)
+        .with_single_cert(
+            certs("server.tls_cert", &f.cert)?,
+            key("server.tls_key", &f.key)?,
+        )
         .map_err(|e| TlsError::Rustls(format!("server.tls_cert and server.tls_key: {e}")))
 }
 

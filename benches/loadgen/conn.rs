@@ -9,19 +9,20 @@
 //! boxing the stream here costs one indirect call per read or write, the same for both
 //! transports.
 //!
-//! TLS is rustls with ring through tokio-rustls, as in the server: the server's certificate must
+//! TLS is rustls with ring through tokio-rustls, as in the server, its PEM files read by the
+//! server's own `gearhouse::tls::{certs, key}`: the server's certificate must
 //! chain to `--tls-ca` and name `--tls-server-name` (default `--host`); `--tls-cert`/`--tls-key`
 //! present a client certificate (for a server with `server.tls_client_ca`).
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use gearhouse::client::PacketReader;
 use gearhouse::codec::{put_packet, Packet, PacketType, MAGIC_REQ};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use gearhouse::tls;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -35,12 +36,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// Why the TLS options could not be turned into a client configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error("{flag} {path:?}: {why}")]
-    File {
-        flag: &'static str,
-        path: PathBuf,
-        why: String,
-    },
+    /// A file named by a flag (the server's own PEM reading, errors naming the flag).
+    #[error(transparent)]
+    File(#[from] gearhouse::tls::TlsError),
     #[error("--tls-cert and --tls-key go together (both or neither)")]
     HalfClientCert,
     #[error("--tls-cert, --tls-key and --tls-server-name need --tls-ca (the CA the server's certificate chains to)")]
@@ -76,7 +74,7 @@ impl Tls {
             };
         };
         let mut roots = rustls::RootCertStore::empty();
-        for c in certs("--tls-ca", ca)? {
+        for c in tls::certs("--tls-ca", ca)? {
             roots.add(c)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -84,9 +82,10 @@ impl Tls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots);
         let cfg = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => {
-                builder.with_client_auth_cert(certs("--tls-cert", cert)?, private_key(key)?)?
-            }
+            (Some(cert), Some(key)) => builder.with_client_auth_cert(
+                tls::certs("--tls-cert", cert)?,
+                tls::key("--tls-key", key)?,
+            )?,
             (None, None) => builder.with_no_client_auth(),
             _ => return Err(TlsSetupError::HalfClientCert),
         };
@@ -98,40 +97,6 @@ impl Tls {
             name,
         }))
     }
-}
-
-fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsSetupError> {
-    std::fs::read(path).map_err(|e| TlsSetupError::File {
-        flag,
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    })
-}
-
-fn certs(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-    let bad = |why: String| TlsSetupError::File {
-        flag,
-        path: path.to_path_buf(),
-        why,
-    };
-    let certs: Vec<_> = rustls_pemfile::certs(&mut read(flag, path)?.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(bad("holds no PEM certificate".into()));
-    }
-    Ok(certs)
-}
-
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
-    let bad = |why: String| TlsSetupError::File {
-        flag: "--tls-key",
-        path: path.to_path_buf(),
-        why,
-    };
-    rustls_pemfile::private_key(&mut read("--tls-key", path)?.as_slice())
-        .map_err(|e| bad(format!("not a PEM private key: {e}")))?
-        .ok_or_else(|| bad("holds no PEM private key".into()))
 }
 
 /// One Gearman connection of the load generator (see the module doc).

@@ -315,8 +315,10 @@ impl Persistence {
         }
         health.set_persistence_status(self.mirror.status_json());
         self.warn_about_unowned_queues().await;
-        let (_, idle) = tokio::sync::mpsc::channel(1);
-        let requests = lock(&self.requests_rx).take().unwrap_or(idle);
+        // Taken once: `start` runs once per server (a second start would answer no request).
+        let requests = lock(&self.requests_rx)
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
         tokio::spawn(self.liveness.clone().watch_forever(
             self.mover(),
             engine.clone(),
