@@ -145,6 +145,16 @@ impl LocalClient {
         line.is_quiet().then_some(line)
     }
 
+    /// True when the connection can carry another request as it is: every packet read,
+    /// nothing more on its way, not killed by the engine. A foreground job's exchange ends with
+    /// its result and a background one's with JOB_CREATED, after which the engine sends it
+    /// nothing more.
+    pub fn is_idle(&self) -> bool {
+        self.line
+            .as_ref()
+            .is_some_and(|l| l.buf.is_empty() && l.rx.is_empty() && !l.kill.is_cancelled())
+    }
+
     fn line(&mut self) -> &mut Line {
         self.line.as_mut().expect("a line until released")
     }

@@ -11,43 +11,111 @@
 //! without `%` (a percent-encoded name is decoded, and refused with axum's own text, by the
 //! router), a `Content-Length` within [`DIRECT_BODY_MAX`] (the body limit, `DefaultBodyLimit`
 //! on the job routes, is an extension only the router's layer can set; a body this small is
-//! under both it and axum's default, so the limit cannot decide the answer), and a connection
-//! with its peer address. The handler behind both ways is [`Jobs::post_job`].
+//! under both it and axum's default, so the limit cannot decide the answer). The handler behind
+//! both ways is [`Jobs::post_job`]. The front is the connection's service itself ([`Front`],
+//! made per connection by [`MakeFront`] with the peer's address), not a layer on the router.
 
+use std::convert::Infallible;
+use std::future::{ready, Ready};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, Method};
-use axum::middleware::Next;
 use axum::response::Response;
+use axum::serve::{IncomingStream, Listener};
 use axum::Router;
+use futures::future::BoxFuture;
+use tower_service::Service;
 
-use super::jobs::Jobs;
+use super::jobs::{Jobs, Kept};
 
 /// The largest declared body answered directly: below axum's default body limit (2 MiB), so
 /// the limit the router would apply decides nothing for it.
 pub const DIRECT_BODY_MAX: usize = 1 << 20;
 
-/// `app` behind the front: `POST /jobs/{function}` is answered by `jobs` directly, the rest by
-/// `app`. Routes merged into the result later are matched before the front, as usual.
-pub fn wrap(app: Router, jobs: Jobs) -> Router {
-    Router::new()
-        .fallback_service(app)
-        .layer(axum::middleware::from_fn_with_state(jobs, front))
+/// What `axum::serve` asks for each accepted connection: a [`Front`] for its peer.
+#[derive(Clone)]
+pub struct MakeFront {
+    app: Router,
+    jobs: Jobs,
 }
 
-async fn front(State(jobs): State<Jobs>, req: Request, next: Next) -> Response {
-    match direct(&req) {
-        Some((peer, function)) => {
-            let function = function.to_owned();
-            jobs.post_job(peer, Ok(function), req).await
+impl MakeFront {
+    /// `app` behind the front: `POST /jobs/{function}` is answered by `jobs` directly, the
+    /// rest by `app`, which sees the peer as `ConnectInfo<SocketAddr>`.
+    pub fn new(app: Router, jobs: Jobs) -> MakeFront {
+        MakeFront {
+            app: app.with_state(()),
+            jobs,
         }
-        None => next.run(req).await,
     }
 }
 
-/// The peer and function name of a request the front answers itself, `None` for the router's.
-fn direct(req: &Request) -> Option<(SocketAddr, &str)> {
+impl<L> Service<IncomingStream<'_, L>> for MakeFront
+where
+    L: Listener<Addr = SocketAddr>,
+{
+    type Response = Front;
+    type Error = Infallible;
+    type Future = Ready<Result<Front, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: IncomingStream<'_, L>) -> Self::Future {
+        ready(Ok(Front {
+            app: self.app.clone(),
+            jobs: self.jobs.clone(),
+            peer: *conn.remote_addr(),
+            kept: Arc::default(),
+        }))
+    }
+}
+
+/// One connection's service (hyper clones it for each request). A plain `Service` rather
+/// than an axum middleware in front of the router: the middleware's own layering (an outer
+/// router, `Next`, the response mapping) cost as much per request as the route match it
+/// saved.
+#[derive(Clone)]
+pub struct Front {
+    app: Router,
+    jobs: Jobs,
+    peer: SocketAddr,
+    /// The connection's engine connection between its job requests; it disconnects when hyper
+    /// drops the service, that is when the HTTP connection ends.
+    kept: Arc<Kept>,
+}
+
+impl Service<Request> for Front {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        match direct(&req).map(str::to_owned) {
+            Some(function) => {
+                let (jobs, peer, kept) = (self.jobs.clone(), self.peer, self.kept.clone());
+                Box::pin(
+                    async move { Ok(jobs.post_job(peer, Ok(function), req, Some(&kept)).await) },
+                )
+            }
+            None => {
+                req.extensions_mut().insert(ConnectInfo(self.peer));
+                Box::pin(self.app.call(req))
+            }
+        }
+    }
+}
+
+/// The function name of a request the front answers itself, `None` for the router's.
+fn direct(req: &Request) -> Option<&str> {
     if req.method() != Method::POST {
         return None;
     }
@@ -62,8 +130,7 @@ fn direct(req: &Request) -> Option<(SocketAddr, &str)> {
     if declared > DIRECT_BODY_MAX {
         return None;
     }
-    let ConnectInfo(peer) = req.extensions().get::<ConnectInfo<SocketAddr>>()?;
-    Some((*peer, function))
+    Some(function)
 }
 
 /// The `{function}` of `/jobs/{function}` when the router would give the same name: one
@@ -91,39 +158,27 @@ mod tests {
         assert_eq!(function_of("/upper"), None, "gearmand's paths");
     }
 
-    fn request(method: Method, path: &str, len: Option<usize>, peer: bool) -> Request {
+    fn request(method: Method, path: &str, len: Option<usize>) -> Request {
         let mut b = Request::builder().method(method).uri(path);
         if let Some(l) = len {
             b = b.header(header::CONTENT_LENGTH, l);
         }
-        let mut r = b.body(axum::body::Body::empty()).unwrap();
-        if peer {
-            let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-            r.extensions_mut().insert(ConnectInfo(addr));
-        }
-        r
+        b.body(axum::body::Body::empty()).unwrap()
     }
 
     #[test]
     fn the_router_keeps_what_it_could_answer_differently() {
-        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let r = request(Method::POST, "/jobs/f", Some(3), true);
-        assert_eq!(direct(&r), Some((peer, "f")));
-        let r = request(Method::GET, "/jobs/f", Some(3), true);
+        let r = request(Method::POST, "/jobs/f", Some(3));
+        assert_eq!(direct(&r), Some("f"));
+        let r = request(Method::GET, "/jobs/f", Some(3));
         assert_eq!(direct(&r), None, "GET is the status route");
-        let r = request(Method::POST, "/jobs/f", None, true);
+        let r = request(Method::POST, "/jobs/f", None);
         assert_eq!(
             direct(&r),
             None,
             "no Content-Length: the body limit may decide"
         );
-        let r = request(Method::POST, "/jobs/f", Some(DIRECT_BODY_MAX + 1), true);
+        let r = request(Method::POST, "/jobs/f", Some(DIRECT_BODY_MAX + 1));
         assert_eq!(direct(&r), None, "a large body: the body limit may decide");
-        let r = request(Method::POST, "/jobs/f", Some(3), false);
-        assert_eq!(
-            direct(&r),
-            None,
-            "no peer: the router's ConnectInfo answers"
-        );
     }
 }

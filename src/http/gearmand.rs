@@ -53,7 +53,10 @@ async fn submit(
     let function = function_from(function).map(|f| f.trim_start_matches('/').to_string());
     let r = match function.as_deref().ok().and_then(reserved) {
         Some(first) => not_a_job_path(first),
-        None => match jobs.submit_request(peer, function, req, b"-", false).await {
+        None => match jobs
+            .submit_request(peer, function, req, b"-", false, None)
+            .await
+        {
             Ok(outcome) => answer(outcome),
             Err(refusal) => refusal.into_response(),
         },

@@ -6,14 +6,18 @@
 //!
 //! Every job goes through [`LocalClient`], the engine's in-process connection: coalescing,
 //! queue limits, the durable write before JOB_CREATED, traces (the HTTP client's address as the
-//! peer, client id `http`) and metrics are exactly those of a job from a Gearman socket. One
-//! `LocalClient` per request: it is a registration in the engine and a channel, no I/O, and a
-//! foreground request that times out or whose client hangs up drops it, which makes the engine
-//! cancel a job nobody else waits for and that has not started, as for a socket that closes.
-//! The channel and buffers of those connections ([`Line`]) are kept between requests in a small
-//! pool (at most [`IDLE_LINES`]): a request whose exchange ended gives its line back, one that
-//! timed out or was abandoned drops it. An idle line is registered nowhere: it holds no job and
-//! no unique id, and shows in no `workers` line or connection count.
+//! peer, client id `http`) and metrics are exactly those of a job from a Gearman socket. A
+//! `LocalClient` is a registration in the engine and a channel, no I/O. A kept-alive HTTP
+//! connection on `POST /jobs/{function}` keeps one between its requests ([`Kept`]), as a
+//! Gearman client keeps its socket: it shows in `workers` and the connection count while the
+//! HTTP connection lasts, and registering it once rather than per request saved two engine
+//! lock turns a request. It is kept only when its exchange ended (the result or JOB_CREATED
+//! read, nothing more on its way); a foreground request that times out or whose client hangs
+//! up drops it, which makes the engine cancel a job nobody else waits for and that has not
+//! started, as for a socket that closes, and the connection's next request registers anew.
+//! Requests without a kept connection (gearmand's paths, the router's way) register per
+//! request; the channel and buffers of those registrations ([`Line`]) are kept in a small pool
+//! (at most [`IDLE_LINES`]): an idle line is registered nowhere and holds no job.
 //!
 //! Refusals are a [`Refusal`] each with its own status (the table in README "Submitting work
 //! over HTTP"), decided before anything is buffered where possible: access, readiness and the
@@ -24,13 +28,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Decoder;
 
@@ -116,6 +122,13 @@ struct Inner {
     /// `std::sync::Mutex`: held for a push or a pop, never across an await.
     idle: Mutex<Vec<Line>>,
 }
+
+/// The engine connection of one HTTP connection, kept between its requests (see the module
+/// documentation); [`super::front::Front`] holds one per kept-alive connection. A
+/// `std::sync::Mutex`: held for a take or a put, never across an await (hyper answers one
+/// request of a connection at a time, so it is never contended).
+#[derive(Default)]
+pub struct Kept(Mutex<Option<(LocalClient, bool)>>);
 
 /// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
 /// benchmarks many times over; a burst beyond it allocates and frees lines as before.
@@ -270,7 +283,7 @@ impl IntoResponse for Refusal {
 /// Adds `X-Gearman-Job-Handle` (handles are `H:<node_id>:<n>`, always a valid header value
 /// unless the node id is not; then it is left out rather than failing the answer).
 pub(super) fn put_handle(h: &mut HeaderMap, handle: &Bytes) {
-    if let Ok(v) = HeaderValue::from_bytes(handle) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(handle.clone()) {
         h.insert(JOB_HANDLE, v);
     }
 }
@@ -329,6 +342,7 @@ impl Jobs {
         peer: SocketAddr,
         job: JobRequest,
         exceptions: bool,
+        kept: Option<&Kept>,
     ) -> Result<Outcome, Refusal> {
         let timeout = job.timeout;
         let submit = job.into_submit();
@@ -342,7 +356,7 @@ impl Jobs {
                 }
             }
         }
-        let mut c = self.connect(peer, exceptions);
+        let mut c = self.connect(peer, exceptions, kept);
         // One timer for both waits (a timer is registered and removed per `timeout`): JOB_CREATED
         // can wait for a durable write when the job joins a background one, then the result.
         let mut created = None;
@@ -355,7 +369,7 @@ impl Jobs {
         .await;
         match waited {
             Ok(Ok(outcome)) => {
-                self.release(c);
+                self.release(c, exceptions, kept);
                 Ok(outcome)
             }
             Ok(Err(e)) => Err(e.into()),
@@ -374,23 +388,43 @@ impl Jobs {
         &self,
         peer: SocketAddr,
         job: JobRequest,
+        exceptions: bool,
+        kept: Option<&Kept>,
     ) -> Result<Outcome, Refusal> {
-        let mut c = self.connect(peer, false);
+        let mut c = self.connect(peer, exceptions, kept);
         let handle = c.submit(job.into_submit()).await?;
-        self.release(c);
+        self.release(c, exceptions, kept);
         Ok(Outcome::Created { handle })
     }
 
-    /// A connection for one request, on an idle line when there is one.
-    fn connect(&self, peer: SocketAddr, exceptions: bool) -> LocalClient {
+    /// A connection for one request: the HTTP connection's kept one when it has one that
+    /// asked for the same `exceptions`, else a new registration on an idle line when there
+    /// is one.
+    fn connect(&self, peer: SocketAddr, exceptions: bool, kept: Option<&Kept>) -> LocalClient {
+        if let Some(k) = kept {
+            let was = k.0.lock().expect("kept connection").take();
+            match was {
+                Some((c, e)) if e == exceptions && c.is_idle() => return c,
+                Some((c, _)) => self.release(c, exceptions, None),
+                None => {}
+            }
+        }
         let s = &self.inner;
         let idle = s.idle.lock().expect("idle lines").pop();
         let line = idle.unwrap_or_else(|| Line::new(s.settings.outbound_queue));
         LocalClient::connect_with(&s.engine, peer, "http", line, exceptions)
     }
 
-    /// Ends a request's connection whose exchange is over, keeping its line for the next.
-    fn release(&self, c: LocalClient) {
+    /// Ends a request's exchange: the connection stays registered for the HTTP connection's
+    /// next request when there is one to keep it for; otherwise it disconnects, keeping its
+    /// line for the next request's connection.
+    fn release(&self, c: LocalClient, exceptions: bool, kept: Option<&Kept>) {
+        if let Some(k) = kept {
+            if c.is_idle() {
+                *k.0.lock().expect("kept connection") = Some((c, exceptions));
+                return;
+            }
+        }
         if let Some(line) = c.release() {
             let mut idle = self.inner.idle.lock().expect("idle lines");
             if idle.len() < IDLE_LINES {
@@ -409,6 +443,7 @@ impl Jobs {
         req: Request,
         default_unique: &'static [u8],
         exceptions: bool,
+        kept: Option<&Kept>,
     ) -> Result<Outcome, Refusal> {
         let s = &self.inner;
         s.settings.access.check(peer.ip(), req.headers())?;
@@ -423,9 +458,9 @@ impl Jobs {
         let mut job = self.job_request(function, req.headers(), default_unique)?;
         job.data = self.read_body(&job, req).await?;
         if job.background {
-            self.submit_background(peer, job).await
+            self.submit_background(peer, job, exceptions, kept).await
         } else {
-            self.submit_foreground(peer, job, exceptions).await
+            self.submit_foreground(peer, job, exceptions, kept).await
         }
     }
 
@@ -455,7 +490,8 @@ impl Jobs {
         default_unique: &'static [u8],
     ) -> Result<JobRequest, Refusal> {
         let st = &self.inner.settings;
-        let unique = match headers.get(UNIQUE) {
+        let x = Gearman::of(headers);
+        let unique = match x.unique {
             Some(v) => Bytes::copy_from_slice(v.as_bytes()),
             None => Bytes::from_static(default_unique),
         };
@@ -471,7 +507,7 @@ impl Jobs {
                 "X-Gearman-Unique contains a NUL byte".into(),
             ));
         }
-        let background = match header_word(headers, &BACKGROUND)? {
+        let background = match header_word(x.background, &BACKGROUND)? {
             None => false,
             Some(w) if w.eq_ignore_ascii_case("true") => true,
             Some(w) if w.eq_ignore_ascii_case("false") => false,
@@ -481,7 +517,7 @@ impl Jobs {
                 )))
             }
         };
-        let priority = match header_word(headers, &PRIORITY)? {
+        let priority = match header_word(x.priority, &PRIORITY)? {
             None => Priority::Normal,
             Some(w) => Priority::ALL
                 .into_iter()
@@ -492,7 +528,7 @@ impl Jobs {
                     ))
                 })?,
         };
-        let timeout = match header_word(headers, &TIMEOUT)? {
+        let timeout = match header_word(x.timeout, &TIMEOUT)? {
             None => st.job_timeout,
             Some(w) => match w.parse::<u64>() {
                 Ok(ms) if ms > 0 => Duration::from_millis(ms),
@@ -533,17 +569,34 @@ impl Jobs {
         if declared.is_some_and(|l| l > room) {
             return Err(too_large(declared));
         }
-        let body = Bytes::from_request(req, &()).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large(None)
-            } else {
-                Refusal::BadRequest(format!("the body could not be read: {e}"))
+        // Frame by frame rather than through a collector: a body that arrives in one frame
+        // (any small request) is that frame's bytes, without a copy or the collector's list.
+        let mut body = req.into_body();
+        let mut whole = Bytes::new();
+        let mut more = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| Refusal::BadRequest(format!("the body could not be read: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if whole.len() + more.len() + data.len() > room {
+                return Err(too_large(None));
             }
-        })?;
-        if body.len() > room {
-            return Err(too_large(Some(body.len())));
+            if whole.is_empty() && more.is_empty() {
+                whole = data;
+            } else {
+                if more.is_empty() {
+                    more.extend_from_slice(&std::mem::take(&mut whole));
+                }
+                more.extend_from_slice(&data);
+            }
         }
-        Ok(body)
+        Ok(if more.is_empty() {
+            whole
+        } else {
+            more.freeze()
+        })
     }
 
     /// GET_STATUS of `handle` as JSON.
@@ -574,13 +627,48 @@ impl Jobs {
 }
 
 /// A header's value as text, `None` when absent; not text is a bad request.
-fn header_word<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, Refusal> {
-    match headers.get(name) {
+fn header_word<'a>(
+    value: Option<&'a HeaderValue>,
+    name: &HeaderName,
+) -> Result<Option<&'a str>, Refusal> {
+    match value {
         None => Ok(None),
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim()))
             .map_err(|_| Refusal::BadRequest(format!("{name} is not text"))),
+    }
+}
+
+/// The `X-Gearman-*` request headers, the first value of each as `HeaderMap::get` would give,
+/// found in one pass over the request's few headers: a `get` hashes the name, which for
+/// these custom names cost more than the walk.
+#[derive(Default)]
+struct Gearman<'a> {
+    unique: Option<&'a HeaderValue>,
+    background: Option<&'a HeaderValue>,
+    priority: Option<&'a HeaderValue>,
+    timeout: Option<&'a HeaderValue>,
+}
+
+impl<'a> Gearman<'a> {
+    fn of(headers: &'a HeaderMap) -> Gearman<'a> {
+        let mut x = Gearman::default();
+        for (name, value) in headers {
+            let slot = if name == UNIQUE {
+                &mut x.unique
+            } else if name == BACKGROUND {
+                &mut x.background
+            } else if name == PRIORITY {
+                &mut x.priority
+            } else if name == TIMEOUT {
+                &mut x.timeout
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        x
     }
 }
 
@@ -597,20 +685,25 @@ async fn post_job(
     function: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    jobs.post_job(peer, function_from(function), req).await
+    jobs.post_job(peer, function_from(function), req, None)
+        .await
 }
 
 impl Jobs {
     /// `POST /jobs/{function}`, whichever way the request came: the router's handler or the
-    /// front's direct call.
+    /// front's direct call, which brings its connection's [`Kept`].
     pub(super) async fn post_job(
         &self,
         peer: SocketAddr,
         function: Result<String, Refusal>,
         req: Request,
+        kept: Option<&Kept>,
     ) -> Response {
         let timer = self.metrics().start(Route::Submit);
-        let r = match self.submit_request(peer, function, req, b"", true).await {
+        let r = match self
+            .submit_request(peer, function, req, b"", true, kept)
+            .await
+        {
             Ok(outcome) => answer(outcome),
             Err(refusal) => refusal.into_response(),
         };
@@ -642,10 +735,15 @@ fn answer(outcome: Outcome) -> Response {
     } else {
         "text/plain; charset=utf-8"
     };
-    let mut r = (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
-    put_handle(r.headers_mut(), &handle);
-    r.headers_mut()
-        .insert(COMMAND, HeaderValue::from_static(command));
+    // Built directly (the tuple's `IntoResponse` validates the static content type and grows
+    // the header map one insert at a time): this is every submission's answer.
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.reserve(3);
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    put_handle(h, &handle);
+    h.insert(COMMAND, HeaderValue::from_static(command));
     r
 }
 

@@ -75,13 +75,13 @@ struct AppState {
     services: crate::server::Services,
 }
 
-/// The HTTP routes.
-pub fn router(
+/// The HTTP routes, and the job submission that [`front`] answers before them.
+fn router(
     engine: Engine,
     health: Arc<Health>,
     jobs: jobs::Settings,
     services: crate::server::Services,
-) -> Router {
+) -> (Router, jobs::Jobs) {
     let submission = jobs::Jobs::new(engine.clone(), health.clone(), jobs, services.cache.clone());
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -97,7 +97,7 @@ pub fn router(
         })
         .merge(schedules::routes(engine))
         .merge(jobs::routes(submission.clone()));
-    front::wrap(app, submission)
+    (app, submission)
 }
 
 /// Serves the HTTP routes and `more` (the functions API) on an already-bound listener until
@@ -112,18 +112,16 @@ pub async fn serve(
     more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(engine, health, jobs, services).merge(more);
+    let (app, submission) = router(engine, health, jobs, services);
+    let app = app.merge(more);
     // Answers are written whole, but a client that pipelines (or a kept-alive one whose ACK is
     // delayed) would otherwise wait for Nagle's timer behind a small write.
     let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
         let _ = s.set_nodelay(true);
     });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    axum::serve(listener, front::MakeFront::new(app, submission))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Copies the engine's current state into the scrape-time gauges.
