@@ -777,7 +777,9 @@ async fn a_kept_alive_connection_keeps_one_engine_connection_and_never_a_stale_r
     );
 
     // A request that times out while its job runs: the job's result must not answer the
-    // connection's next request.
+    // connection's next request. Its timeout is shorter than the last request's (30 s): the
+    // connection's timer must fire at the earlier deadline.
+    let t0 = Instant::now();
     let timed_out = tokio::spawn(async move {
         let r = on_conn(&mut s, "/jobs/slow", "first", "X-Gearman-Timeout: 500\r\n").await;
         (r, s)
@@ -793,6 +795,11 @@ async fn a_kept_alive_connection_keeps_one_engine_connection_and_never_a_stale_r
         .expect("the first job");
     let ((status, _), mut s) = timed_out.await.unwrap();
     assert_eq!(status, 504);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "504 after {:?}",
+        t0.elapsed()
+    );
     let next = tokio::spawn(async move {
         let r = on_conn(&mut s, "/jobs/slow", "second", "").await;
         (r, s)

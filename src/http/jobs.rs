@@ -24,7 +24,9 @@
 //! in-flight bound come before the body is read. The foreground path is the one function
 //! [`Jobs::submit_foreground`], so a result cache can be put in front of it in one place.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +40,7 @@ use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 
 use super::access::{Access, Denied};
@@ -128,7 +131,35 @@ struct Inner {
 /// `std::sync::Mutex`: held for a take or a put, never across an await (hyper answers one
 /// request of a connection at a time, so it is never contended).
 #[derive(Default)]
-pub struct Kept(Mutex<Option<(LocalClient, bool)>>);
+pub struct Kept {
+    client: Mutex<Option<(LocalClient, bool)>>,
+    /// The foreground wait's timer, reset for each request rather than registered anew: a
+    /// later deadline on a registered timer is an atomic store in tokio, where a new timer
+    /// takes the timer wheel's lock twice and, when it is the earliest, wakes the driver.
+    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+}
+
+impl Kept {
+    /// `work`'s output, or `None` when `timeout` passed first.
+    async fn within<T>(&self, timeout: Duration, work: impl Future<Output = T>) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let kept = self.timer.lock().expect("kept timer").take();
+        let mut timer = match kept {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let r = tokio::select! {
+            biased;
+            out = work => Some(out),
+            () = timer.as_mut() => None,
+        };
+        *self.timer.lock().expect("kept timer") = Some(timer);
+        r
+    }
+}
 
 /// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
 /// benchmarks many times over; a burst beyond it allocates and frees lines as before.
@@ -357,25 +388,29 @@ impl Jobs {
             }
         }
         let mut c = self.connect(peer, exceptions, kept);
-        // One timer for both waits (a timer is registered and removed per `timeout`): JOB_CREATED
-        // can wait for a durable write when the job joins a background one, then the result.
+        // One timer for both waits (the kept connection's, else one registered for the request):
+        // JOB_CREATED can wait for a durable write when the job joins a background one, then
+        // the result.
         let mut created = None;
-        let waited = tokio::time::timeout(timeout, async {
+        let work = async {
             let handle = c.submit(submit).await?;
             created = Some(handle.clone());
             let result = c.result().await?;
             Ok::<_, LocalError>(Outcome::Finished { handle, result })
-        })
-        .await;
+        };
+        let waited = match kept {
+            Some(k) => k.within(timeout, work).await,
+            None => tokio::time::timeout(timeout, work).await.ok(),
+        };
         match waited {
-            Ok(Ok(outcome)) => {
+            Some(Ok(outcome)) => {
                 self.release(c, exceptions, kept);
                 Ok(outcome)
             }
-            Ok(Err(e)) => Err(e.into()),
+            Some(Err(e)) => Err(e.into()),
             // Dropping `c` disconnects: the engine cancels the job if nobody else waits for it
             // and it has not started.
-            Err(_) => Err(Refusal::Timeout {
+            None => Err(Refusal::Timeout {
                 handle: created,
                 ms: timeout.as_millis() as u64,
             }),
@@ -402,7 +437,7 @@ impl Jobs {
     /// is one.
     fn connect(&self, peer: SocketAddr, exceptions: bool, kept: Option<&Kept>) -> LocalClient {
         if let Some(k) = kept {
-            let was = k.0.lock().expect("kept connection").take();
+            let was = k.client.lock().expect("kept connection").take();
             match was {
                 Some((c, e)) if e == exceptions && c.is_idle() => return c,
                 Some((c, _)) => self.release(c, exceptions, None),
@@ -421,7 +456,7 @@ impl Jobs {
     fn release(&self, c: LocalClient, exceptions: bool, kept: Option<&Kept>) {
         if let Some(k) = kept {
             if c.is_idle() {
-                *k.0.lock().expect("kept connection") = Some((c, exceptions));
+                *k.client.lock().expect("kept connection") = Some((c, exceptions));
                 return;
             }
         }
