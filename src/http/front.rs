@@ -13,13 +13,17 @@
 //! on the job routes, is an extension only the router's layer can set; a body this small is
 //! under both it and axum's default, so the limit cannot decide the answer). The handler behind
 //! both ways is [`Jobs::post_job`]. The front is the connection's service itself ([`Front`],
-//! made per connection by [`MakeFront`] with the peer's address), not a layer on the router.
+//! made per connection by [`MakeFront`] with the peer's address), not a layer on the router;
+//! it holds what the connection keeps between its job requests ([`Kept`]: the engine connection
+//! and the foreground wait's timer), dropped with the connection.
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, Method};
@@ -27,9 +31,11 @@ use axum::response::Response;
 use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use futures::future::BoxFuture;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::jobs::{Jobs, Kept};
+use super::jobs::Jobs;
+use crate::local::LocalClient;
 
 /// The largest declared body answered directly: below axum's default body limit (2 MiB), so
 /// the limit the router would apply decides nothing for it.
@@ -111,6 +117,45 @@ impl Service<Request> for Front {
                 Box::pin(self.app.call(req))
             }
         }
+    }
+}
+
+/// The engine connection of one HTTP connection, kept between its requests (see the module
+/// documentation of `jobs.rs`); [`Front`] holds one per kept-alive connection. A
+/// `std::sync::Mutex`: held for a take or a put, never across an await (hyper answers one
+/// request of a connection at a time, so it is never contended).
+#[derive(Default)]
+pub struct Kept {
+    pub(super) client: Mutex<Option<(LocalClient, bool)>>,
+    /// The foreground wait's timer, reset for each request rather than registered anew: a
+    /// later deadline on a registered timer is an atomic store in tokio, where a new timer
+    /// takes the timer wheel's lock twice and, when it is the earliest, wakes the driver.
+    timer: Mutex<Option<Pin<Box<Sleep>>>>,
+}
+
+impl Kept {
+    /// `work`'s output, or `None` when `timeout` passed first.
+    pub(super) async fn within<T>(
+        &self,
+        timeout: Duration,
+        work: impl Future<Output = T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let kept = self.timer.lock().expect("kept timer").take();
+        let mut timer = match kept {
+            Some(mut t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let r = tokio::select! {
+            biased;
+            out = work => Some(out),
+            () = timer.as_mut() => None,
+        };
+        *self.timer.lock().expect("kept timer") = Some(timer);
+        r
     }
 }
 

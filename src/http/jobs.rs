@@ -24,9 +24,7 @@
 //! in-flight bound come before the body is read. The foreground path is the one function
 //! [`Jobs::submit_foreground`], so a result cache can be put in front of it in one place.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,10 +38,10 @@ use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
-use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 
 use super::access::{Access, Denied};
+use super::front::Kept;
 use super::job_metrics::{JobMetrics, Route};
 use super::Health;
 use crate::codec::{split_args, Frame, GearmanCodec};
@@ -124,41 +122,6 @@ struct Inner {
     /// Idle lines for the next requests' connections, at most [`IDLE_LINES`]. A
     /// `std::sync::Mutex`: held for a push or a pop, never across an await.
     idle: Mutex<Vec<Line>>,
-}
-
-/// The engine connection of one HTTP connection, kept between its requests (see the module
-/// documentation); [`super::front::Front`] holds one per kept-alive connection. A
-/// `std::sync::Mutex`: held for a take or a put, never across an await (hyper answers one
-/// request of a connection at a time, so it is never contended).
-#[derive(Default)]
-pub struct Kept {
-    client: Mutex<Option<(LocalClient, bool)>>,
-    /// The foreground wait's timer, reset for each request rather than registered anew: a
-    /// later deadline on a registered timer is an atomic store in tokio, where a new timer
-    /// takes the timer wheel's lock twice and, when it is the earliest, wakes the driver.
-    timer: Mutex<Option<Pin<Box<Sleep>>>>,
-}
-
-impl Kept {
-    /// `work`'s output, or `None` when `timeout` passed first.
-    async fn within<T>(&self, timeout: Duration, work: impl Future<Output = T>) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let kept = self.timer.lock().expect("kept timer").take();
-        let mut timer = match kept {
-            Some(mut t) => {
-                t.as_mut().reset(deadline);
-                t
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline)),
-        };
-        let r = tokio::select! {
-            biased;
-            out = work => Some(out),
-            () = timer.as_mut() => None,
-        };
-        *self.timer.lock().expect("kept timer") = Some(timer);
-        r
-    }
 }
 
 /// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
