@@ -120,6 +120,8 @@ pub struct HttpSection {
     pub job_timeout_ms: u64,
     /// HTTP job submissions in progress at once; past it 503.
     pub max_concurrent_jobs: usize,
+    /// Kept-alive HTTP connections that keep an engine connection between their requests.
+    pub max_kept_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]

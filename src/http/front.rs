@@ -21,6 +21,7 @@ use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use axum::response::Response;
 use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use futures::future::BoxFuture;
+use prometheus::IntGauge;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
@@ -126,7 +128,7 @@ impl Service<Request> for Front {
 /// request of a connection at a time, so it is never contended).
 #[derive(Default)]
 pub struct Kept {
-    pub(super) client: Mutex<Option<(LocalClient, bool)>>,
+    pub(super) client: Mutex<Option<Held>>,
     /// The foreground wait's timer, reset for each request rather than registered anew: a
     /// later deadline on a registered timer is an atomic store in tokio, where a new timer
     /// takes the timer wheel's lock twice and, when it is the earliest, wakes the driver.
@@ -156,6 +158,45 @@ impl Kept {
         };
         *self.timer.lock().expect("kept timer") = Some(timer);
         r
+    }
+}
+
+/// A kept engine connection between two requests of its HTTP connection.
+pub struct Held {
+    pub(super) client: LocalClient,
+    /// Whether it asked for WORK_EXCEPTION: only a request asking the same reuses it.
+    pub(super) exceptions: bool,
+    pub(super) _slot: KeptSlot,
+}
+
+/// One of the `http.max_kept_connections` places, given back when dropped (the connection was
+/// taken for a request, or its HTTP connection ended).
+/// `gauge` (`gearhouse_http_kept_connections`) follows the count.
+pub struct KeptSlot {
+    count: Arc<AtomicUsize>,
+    gauge: IntGauge,
+}
+
+impl KeptSlot {
+    /// A place, if fewer than `max` are taken.
+    pub(super) fn take(count: &Arc<AtomicUsize>, max: usize, gauge: &IntGauge) -> Option<KeptSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        gauge.inc();
+        Some(KeptSlot {
+            count: count.clone(),
+            gauge: gauge.clone(),
+        })
+    }
+}
+
+impl Drop for KeptSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
     }
 }
 

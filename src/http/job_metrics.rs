@@ -63,6 +63,8 @@ pub struct JobMetrics {
     requests: IntCounterVec,
     /// The children of every route, by [`Route::index`].
     routes: Arc<[RouteMetrics; 3]>,
+    /// Kept-alive HTTP connections holding an engine connection between requests.
+    pub kept: IntGauge,
 }
 
 /// One route's resolved children.
@@ -101,6 +103,11 @@ impl JobMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
+        let kept = IntGauge::new(
+            "gearhouse_http_kept_connections",
+            "Kept-alive HTTP connections holding their engine connection between job requests (at most http.max_kept_connections)",
+        )?;
+        registry.register(Box::new(kept.clone()))?;
         let routes = Arc::new(Route::ALL.map(|r| {
             RouteMetrics {
                 in_flight: in_flight.with_label_values(&[r.as_str()]),
@@ -112,7 +119,11 @@ impl JobMetrics {
                     .collect(),
             }
         }));
-        Ok(JobMetrics { requests, routes })
+        Ok(JobMetrics {
+            requests,
+            routes,
+            kept,
+        })
     }
 
     /// Starts timing one request on `route`; it counts as in flight until finished or dropped.

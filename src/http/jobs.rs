@@ -25,6 +25,7 @@
 //! [`Jobs::submit_foreground`], so a result cache can be put in front of it in one place.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Decoder;
 
 use super::access::{Access, Denied};
-use super::front::Kept;
+use super::front::{Held, Kept, KeptSlot};
 use super::job_metrics::{JobMetrics, Route};
 use super::Health;
 use crate::codec::{split_args, Frame, GearmanCodec};
@@ -71,6 +72,8 @@ pub struct Settings {
     pub job_timeout: Duration,
     /// `http.max_concurrent_jobs`.
     pub max_concurrent_jobs: usize,
+    /// `http.max_kept_connections`.
+    pub max_kept: usize,
     /// `server.max_packet_size`: function, unique id and body together, as in a SUBMIT_JOB.
     pub max_packet_size: usize,
     pub max_function_len: usize,
@@ -87,6 +90,7 @@ impl Settings {
             access: Access::new(s.admin_networks, &cfg.http.submit_tokens),
             job_timeout: Duration::from_millis(cfg.http.job_timeout_ms),
             max_concurrent_jobs: cfg.http.max_concurrent_jobs,
+            max_kept: cfg.http.max_kept_connections,
             max_packet_size: s.max_packet_size,
             max_function_len: s.limits.max_function,
             max_unique_len: s.limits.max_unique,
@@ -122,6 +126,8 @@ struct Inner {
     /// Idle lines for the next requests' connections, at most [`IDLE_LINES`]. A
     /// `std::sync::Mutex`: held for a push or a pop, never across an await.
     idle: Mutex<Vec<Line>>,
+    /// Kept engine connections now ([`Kept`]), at most `http.max_kept_connections`.
+    kept: Arc<AtomicUsize>,
 }
 
 /// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
@@ -316,6 +322,7 @@ impl Jobs {
                 cache,
                 metrics,
                 idle: Mutex::new(Vec::new()),
+                kept: Arc::default(),
             }),
         }
     }
@@ -402,8 +409,8 @@ impl Jobs {
         if let Some(k) = kept {
             let was = k.client.lock().expect("kept connection").take();
             match was {
-                Some((c, e)) if e == exceptions && c.is_idle() => return c,
-                Some((c, _)) => self.release(c, exceptions, None),
+                Some(h) if h.exceptions == exceptions && h.client.is_idle() => return h.client,
+                Some(h) => self.release(h.client, exceptions, None),
                 None => {}
             }
         }
@@ -417,10 +424,17 @@ impl Jobs {
     /// next request when there is one to keep it for; otherwise it disconnects, keeping its
     /// line for the next request's connection.
     fn release(&self, c: LocalClient, exceptions: bool, kept: Option<&Kept>) {
+        let s = &self.inner;
         if let Some(k) = kept {
             if c.is_idle() {
-                *k.client.lock().expect("kept connection") = Some((c, exceptions));
-                return;
+                if let Some(slot) = KeptSlot::take(&s.kept, s.settings.max_kept, &s.metrics.kept) {
+                    *k.client.lock().expect("kept connection") = Some(Held {
+                        client: c,
+                        exceptions,
+                        _slot: slot,
+                    });
+                    return;
+                }
             }
         }
         if let Some(line) = c.release() {

@@ -197,3 +197,49 @@ async fn a_kept_alive_connection_keeps_one_engine_connection_and_never_a_stale_r
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_engine_connections_stop_at_max_kept_connections() {
+    let server = TestServer::start(&[("GEARHOUSE_HTTP__MAX_KEPT_CONNECTIONS", "1")]).await;
+    spawn_worker(server.addr, "up", Act::Upper);
+    eventually("the worker", || async {
+        engine_connections(server.http).await == 1
+    })
+    .await;
+    let kept = || metric(server.http, "gearhouse_http_kept_connections", "");
+
+    let mut a = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    let mut b = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(
+        on_conn(&mut a, "/jobs/up", "a", "").await,
+        (200, "A".into())
+    );
+    assert_eq!(
+        on_conn(&mut b, "/jobs/up", "b", "").await,
+        (200, "B".into())
+    );
+    assert_eq!(
+        engine_connections(server.http).await,
+        2,
+        "only the first is kept"
+    );
+    assert_eq!(kept().await, 1.0);
+    // The second connection goes on working, registering per request.
+    assert_eq!(
+        on_conn(&mut b, "/jobs/up", "c", "").await,
+        (200, "C".into())
+    );
+    assert_eq!(engine_connections(server.http).await, 2);
+
+    drop(a);
+    eventually("the kept place to be given back", || async {
+        kept().await == 0.0 && engine_connections(server.http).await == 1
+    })
+    .await;
+    assert_eq!(
+        on_conn(&mut b, "/jobs/up", "d", "").await,
+        (200, "D".into())
+    );
+    assert_eq!(kept().await, 1.0, "b takes the free place");
+    server.stop().await;
+}
