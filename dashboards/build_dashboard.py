@@ -338,9 +338,11 @@ timeseries("Tail sampling decisions", "Finished jobs per second by decision and 
 row("HTTP job submission")
 timeseries("HTTP job requests by answer", "POST /jobs/{function} (submit), GET /jobs/{handle} (status) and gearmand's /FUNCTION paths, per second by status: 401 no token, 413 too large, 429 queue full, 502 failed job, 503 busy or not ready, 504 timeout, 507 not durable, 499 client hung up",
            [(f"sum by (route, status) (rate(gearhouse_http_job_requests_total[{R}]))", "{{route}} {{status}}")], unit="reqps", w=8)
-timeseries("HTTP job requests in progress", "Requests being answered (a foreground request waits for its job); past http.max_concurrent_jobs new ones get 503. Kept: kept-alive HTTP connections holding their engine connection between requests (at most http.max_kept_connections; past it requests register per request)",
+timeseries("HTTP job requests in progress", "Requests being answered (a foreground request waits for its job); past http.max_concurrent_jobs new ones get 503. Kept: kept-alive HTTP connections holding their engine connection between requests (at most http.max_kept_connections; past it requests register per request). Open connections on the listener (at most http.max_connections) and those closed at once past it",
            [("sum by (route) (gearhouse_http_job_requests_in_flight)", "{{route}}"),
-            ("sum(gearhouse_http_kept_connections)", "kept connections")], w=8)
+            ("sum(gearhouse_http_kept_connections)", "kept connections"),
+            ("sum(gearhouse_http_connections)", "open connections"),
+            (f"sum(rate(gearhouse_http_connections_refused_total[{R}]))", "connections refused/s")], w=8)
 timeseries("HTTP job request time", "Arrival to answer (a foreground job's whole run), 50th and 99th percentile",
            [(f"histogram_quantile({q}, sum by (route, le) (rate(gearhouse_http_job_request_duration_seconds_bucket[{R}])))", f"p{int(q * 100)} {{{{route}}}}") for q in (0.5, 0.99)],
            unit="s", w=8)

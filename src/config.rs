@@ -122,6 +122,8 @@ pub struct HttpSection {
     pub max_concurrent_jobs: usize,
     /// Kept-alive HTTP connections that keep an engine connection between their requests.
     pub max_kept_connections: usize,
+    /// Open connections on the HTTP listener; past it new ones are closed at once.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -409,6 +411,9 @@ impl Config {
         }
         if self.http.max_concurrent_jobs == 0 {
             return bad("http.max_concurrent_jobs", "must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            return bad("http.max_connections", "must be at least 1");
         }
         if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
             return bad("tracing.sample_ratio", "must be between 0 and 1");

@@ -74,6 +74,8 @@ pub struct Settings {
     pub max_concurrent_jobs: usize,
     /// `http.max_kept_connections`.
     pub max_kept: usize,
+    /// `http.max_connections`: the listener's bound (`listener.rs`).
+    pub max_connections: usize,
     /// `server.max_packet_size`: function, unique id and body together, as in a SUBMIT_JOB.
     pub max_packet_size: usize,
     pub max_function_len: usize,
@@ -91,6 +93,7 @@ impl Settings {
             job_timeout: Duration::from_millis(cfg.http.job_timeout_ms),
             max_concurrent_jobs: cfg.http.max_concurrent_jobs,
             max_kept: cfg.http.max_kept_connections,
+            max_connections: cfg.http.max_connections,
             max_packet_size: s.max_packet_size,
             max_function_len: s.limits.max_function,
             max_unique_len: s.limits.max_unique,

@@ -11,6 +11,7 @@ pub mod functions;
 pub mod gearmand;
 pub mod job_metrics;
 pub mod jobs;
+mod listener;
 mod page;
 
 mod dead_letters;
@@ -112,13 +113,10 @@ pub async fn serve(
     more: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let listener =
+        listener::Bounded::new(listener, jobs.max_connections, &engine.metrics().registry);
     let (app, submission) = router(engine, health, jobs, services);
     let app = app.merge(more);
-    // Answers are written whole, but a client that pipelines (or a kept-alive one whose ACK is
-    // delayed) would otherwise wait for Nagle's timer behind a small write.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-        let _ = s.set_nodelay(true);
-    });
     axum::serve(listener, front::MakeFront::new(app, submission))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

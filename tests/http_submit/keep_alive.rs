@@ -243,3 +243,48 @@ async fn kept_engine_connections_stop_at_max_kept_connections() {
     assert_eq!(kept().await, 1.0, "b takes the free place");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_http_max_connections_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&[("GEARHOUSE_HTTP__MAX_CONNECTIONS", "2")]).await;
+    let connect = || tokio::net::TcpStream::connect(server.http);
+    // Two kept-alive connections, each answered (the readiness checks' connections are gone
+    // once these are served: the server only answers within its bound).
+    let (mut a, mut b) = (connect().await.unwrap(), connect().await.unwrap());
+    let bg = "X-Gearman-Background: true\r\n";
+    assert_eq!(on_conn(&mut a, "/jobs/q", "1", bg).await.0, 202);
+    assert_eq!(on_conn(&mut b, "/jobs/q", "2", bg).await.0, 202);
+
+    // A third is accepted by the kernel and closed by the server without an answer.
+    let mut c = connect().await.unwrap();
+    let _ = c
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let got = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("the server closes it at once");
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "answered past the bound: {got:?}"
+    );
+    // The two within the bound go on.
+    assert_eq!(on_conn(&mut a, "/jobs/q", "3", bg).await.0, 202);
+
+    // Closing one frees its place: the next connection is served, and counts the refusal.
+    drop(b);
+    let refused = || async {
+        let Ok((200, body)) = http_get(server.http, "/metrics").await else {
+            return None;
+        };
+        body.lines()
+            .find_map(|l| l.strip_prefix("gearhouse_http_connections_refused_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    eventually("a freed place and the refusal counted", || async {
+        refused().await.is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    server.stop().await;
+}
