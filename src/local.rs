@@ -60,10 +60,12 @@ impl Line {
     /// True when nothing of a past connection can reach the next one: nothing unread, no
     /// sender but ours (the engine dropped its clone on disconnect), not killed.
     fn is_quiet(&mut self) -> bool {
-        self.buf.is_empty()
-            && self.rx.is_empty()
-            && self.tx.strong_count() == 1
-            && !self.kill.is_cancelled()
+        self.is_drained() && self.tx.strong_count() == 1
+    }
+
+    /// Nothing unread, nothing more on its way, not killed by the engine.
+    fn is_drained(&self) -> bool {
+        self.buf.is_empty() && self.rx.is_empty() && !self.kill.is_cancelled()
     }
 }
 
@@ -150,9 +152,7 @@ impl LocalClient {
     /// its result and a background one's with JOB_CREATED, after which the engine sends it
     /// nothing more.
     pub fn is_idle(&self) -> bool {
-        self.line
-            .as_ref()
-            .is_some_and(|l| l.buf.is_empty() && l.rx.is_empty() && !l.kill.is_cancelled())
+        self.line.as_ref().is_some_and(Line::is_drained)
     }
 
     fn line(&mut self) -> &mut Line {
