@@ -19,9 +19,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 mod admission;
+mod read_gate;
 
 pub use admission::refuse_while_recovering;
 use admission::{handshake, refuse_by_access, refuse_while_draining};
+use read_gate::ReadGate;
 
 use crate::access::{Access, AdminAccess, Permissions};
 use crate::admin::{self, AfterAdmin, Listing};
@@ -279,6 +281,8 @@ struct Connection<S> {
     engine: Engine,
     cfg: Arc<ServerConfig>,
     framed: Framed<S, GearmanCodec>,
+    /// Every read of `framed` goes through it: skips the polls that cannot find news.
+    gate: ReadGate,
     /// What the peer may do (access rules).
     perms: Arc<Permissions>,
     /// In `server.admin_read_networks` (or `admin_networks`): may use read-only admin commands.
@@ -323,6 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             engine,
             cfg,
             framed: Framed::with_capacity(stream, codec, 16 * 1024),
+            gate: ReadGate::new(),
             perms,
             may_read_admin,
             listing: None,
@@ -398,7 +403,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = self.kill.cancelled() => {
                     return if shutdown.is_cancelled() { Close::Shutdown } else { Close::Killed };
                 }
-                read = std::future::poll_fn(|cx| poll_read(&mut self.framed, started, cx)) => {
+                read = std::future::poll_fn(|cx| {
+                    self.gate.poll(cx, |cx| poll_read(&mut self.framed, started, cx))
+                }) => {
                     let frame = match read {
                         Read::Started => {
                             partial_since = Some(tokio::time::Instant::now());
@@ -418,7 +425,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         if self.listing.is_some() || self.unsent() >= self.cfg.max_unsent_bytes {
                             break;
                         }
-                        match self.framed.next().now_or_never() {
+                        let (gate, framed) = (&mut self.gate, &mut self.framed);
+                        let next = std::future::poll_fn(|cx| gate.poll(cx, |cx| framed.poll_next_unpin(cx)));
+                        match next.now_or_never() {
                             Some(Some(Ok(f))) => {
                                 if let Some(close) = self.handle(f).await {
                                     return close;
