@@ -3,8 +3,9 @@
 //! A connection task wakes for many reasons besides its socket (a packet for it from another
 //! connection, a kill, a timer), and `tokio::select!` polls every branch on every wake. A reader
 //! with nothing to read answers `Pending` cheaply in clear text, but over TLS each such poll is a
-//! pass through tokio-rustls and rustls's record layer (about 500 instructions under callgrind),
-//! several times per job. [`ReadGate`] polls the reader with a waker of its own and remembers
+//! pass through tokio-rustls and rustls's record layer, several times per job (callgrind, 2,500
+//! foreground round trips over TLS: 4 fewer polls per round trip with the gate, 1,561 fewer
+//! instructions). [`ReadGate`] polls the reader with a waker of its own and remembers
 //! whether that waker fired since the reader last said `Pending`; when it did not, the poll is
 //! skipped, as the `Future`/`Stream` contract allows (a pending poll need not be repeated until
 //! its waker is called). This is what `FuturesUnordered` does for each of its futures, for one
