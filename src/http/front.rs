@@ -21,7 +21,6 @@ use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,11 +31,11 @@ use axum::response::Response;
 use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use futures::future::BoxFuture;
-use prometheus::IntGauge;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::jobs::Jobs;
+use super::slot::Slot;
 use crate::local::LocalClient;
 
 /// The largest declared body answered directly: below axum's default body limit (2 MiB), so
@@ -166,38 +165,8 @@ pub struct Held {
     pub(super) client: LocalClient,
     /// Whether it asked for WORK_EXCEPTION: only a request asking the same reuses it.
     pub(super) exceptions: bool,
-    pub(super) _slot: KeptSlot,
-}
-
-/// One of the `http.max_kept_connections` places, given back when dropped (the connection was
-/// taken for a request, or its HTTP connection ended).
-/// `gauge` (`gearhouse_http_kept_connections`) follows the count.
-pub struct KeptSlot {
-    count: Arc<AtomicUsize>,
-    gauge: IntGauge,
-}
-
-impl KeptSlot {
-    /// A place, if fewer than `max` are taken.
-    pub(super) fn take(count: &Arc<AtomicUsize>, max: usize, gauge: &IntGauge) -> Option<KeptSlot> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        gauge.inc();
-        Some(KeptSlot {
-            count: count.clone(),
-            gauge: gauge.clone(),
-        })
-    }
-}
-
-impl Drop for KeptSlot {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        self.gauge.dec();
-    }
+    /// Its place among the `http.max_kept_connections`.
+    pub(super) _slot: Slot,
 }
 
 /// The function name of a request the front answers itself, `None` for the router's.

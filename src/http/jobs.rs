@@ -25,7 +25,6 @@
 //! [`Jobs::submit_foreground`], so a result cache can be put in front of it in one place.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,8 +41,9 @@ use tokio::sync::Semaphore;
 use tokio_util::codec::Decoder;
 
 use super::access::{Access, Denied};
-use super::front::{Held, Kept, KeptSlot};
+use super::front::{Held, Kept};
 use super::job_metrics::{JobMetrics, Route};
+use super::slot::{self, Slot};
 use super::Health;
 use crate::codec::{split_args, Frame, GearmanCodec};
 use crate::config::Config;
@@ -130,7 +130,7 @@ struct Inner {
     /// `std::sync::Mutex`: held for a push or a pop, never across an await.
     idle: Mutex<Vec<Line>>,
     /// Kept engine connections now ([`Kept`]), at most `http.max_kept_connections`.
-    kept: Arc<AtomicUsize>,
+    kept: Arc<Semaphore>,
 }
 
 /// The most idle [`Line`]s kept: enough for the requests one server answers at once in the
@@ -319,13 +319,13 @@ impl Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 slots: Semaphore::new(settings.max_concurrent_jobs.min(Semaphore::MAX_PERMITS)),
+                kept: slot::places(settings.max_kept),
                 engine,
                 health,
                 settings,
                 cache,
                 metrics,
                 idle: Mutex::new(Vec::new()),
-                kept: Arc::default(),
             }),
         }
     }
@@ -430,7 +430,7 @@ impl Jobs {
         let s = &self.inner;
         if let Some(k) = kept {
             if c.is_idle() {
-                if let Some(slot) = KeptSlot::take(&s.kept, s.settings.max_kept, &s.metrics.kept) {
+                if let Some(slot) = Slot::take(&s.kept, &s.metrics.kept) {
                     *k.client.lock().expect("kept connection") = Some(Held {
                         client: c,
                         exceptions,

@@ -6,7 +6,7 @@
 //! A connection beyond the bound is accepted and closed at once (counted in
 //! `gearhouse_http_connections_refused_total`), rather than left in the kernel's backlog where
 //! it would wait without an answer. The count of open connections is the gauge
-//! `gearhouse_http_connections`. The permit of a connection is held by its stream ([`Counted`]),
+//! `gearhouse_http_connections`. The place of a connection is held by its stream ([`Counted`]),
 //! so it is given back whenever hyper drops the connection, however it ends.
 
 use std::io;
@@ -19,7 +19,9 @@ use axum::serve::Listener;
 use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
+
+use super::slot::{self, Slot};
 
 /// A TCP listener that hands out at most `max` open connections, with `TCP_NODELAY` set
 /// (answers are written whole, but a pipelining client, or a kept-alive one whose ACK is
@@ -56,7 +58,7 @@ impl Bounded {
         }
         Bounded {
             inner,
-            slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            slots: slot::places(max),
             max,
             open,
             refused,
@@ -72,20 +74,18 @@ impl Listener for Bounded {
         loop {
             // axum's own accept: it logs and retries accept errors (a descriptor limit waits 1 s).
             let (stream, peer) = Listener::accept(&mut self.inner).await;
-            match self.slots.clone().try_acquire_owned() {
-                Ok(permit) => {
+            match Slot::take(&self.slots, &self.open) {
+                Some(slot) => {
                     let _ = stream.set_nodelay(true);
-                    self.open.inc();
                     return (
                         Counted {
                             stream,
-                            _permit: permit,
-                            open: self.open.clone(),
+                            _slot: slot,
                         },
                         peer,
                     );
                 }
-                Err(_) => {
+                None => {
                     self.refused.inc();
                     tracing::debug!(%peer, max = self.max, "closing HTTP connection: http.max_connections are open");
                 }
@@ -101,14 +101,7 @@ impl Listener for Bounded {
 /// An accepted connection holding its place among the `http.max_connections`.
 pub struct Counted {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-    open: IntGauge,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
+    _slot: Slot,
 }
 
 impl AsyncRead for Counted {

@@ -13,6 +13,7 @@ pub mod job_metrics;
 pub mod jobs;
 mod listener;
 mod page;
+mod slot;
 
 mod dead_letters;
 

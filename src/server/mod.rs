@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt};
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -425,9 +425,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         if self.listing.is_some() || self.unsent() >= self.cfg.max_unsent_bytes {
                             break;
                         }
-                        let (gate, framed) = (&mut self.gate, &mut self.framed);
-                        let next = std::future::poll_fn(|cx| gate.poll(cx, |cx| framed.poll_next_unpin(cx)));
-                        match next.now_or_never() {
+                        match self.gate.now(|cx| self.framed.poll_next_unpin(cx)) {
                             Some(Some(Ok(f))) => {
                                 if let Some(close) = self.handle(f).await {
                                     return close;

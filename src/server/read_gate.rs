@@ -62,18 +62,30 @@ impl ReadGate {
         cx: &mut Context<'_>,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        // Register first: a wake landing after the check below then wakes this task.
+        // Register first: a wake landing after the check in `now` then wakes this task.
         self.shared.task.register(cx.waker());
+        match self.now(poll) {
+            Some(answer) => Poll::Ready(answer),
+            None => Poll::Pending,
+        }
+    }
+
+    /// [`ReadGate::poll`] for a task that reads on without waiting (the frames after the first
+    /// in one turn): the reader's answer if it may have news and has one now. The task is not
+    /// registered: it is running, and polls through [`ReadGate::poll`] before it waits.
+    pub(super) fn now<T>(&mut self, poll: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Option<T> {
         if !self.shared.open.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
+            return None;
         }
-        let answer = poll(&mut Context::from_waker(&self.waker));
-        if answer.is_ready() {
-            // A reader that answered may have more (a buffered frame, unread bytes); only a
-            // `Pending` promises a wake.
-            self.shared.open.store(true, Ordering::Release);
+        match poll(&mut Context::from_waker(&self.waker)) {
+            Poll::Ready(answer) => {
+                // A reader that answered may have more (a buffered frame, unread bytes); only a
+                // `Pending` promises a wake.
+                self.shared.open.store(true, Ordering::Release);
+                Some(answer)
+            }
+            Poll::Pending => None,
         }
-        answer
     }
 }
 
@@ -83,14 +95,15 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     /// A reader that counts its polls and answers from a script.
+    #[derive(Default)]
     struct Scripted {
-        polls: AtomicUsize,
+        polls: usize,
         waker: Option<Waker>,
     }
 
     impl Scripted {
         fn poll(&mut self, cx: &mut Context<'_>, answer: Option<u32>) -> Poll<u32> {
-            self.polls.fetch_add(1, Ordering::Relaxed);
+            self.polls += 1;
             match answer {
                 Some(v) => Poll::Ready(v),
                 None => {
@@ -104,26 +117,23 @@ mod tests {
     #[test]
     fn a_pending_reader_is_not_polled_again_until_its_waker_fires() {
         let mut gate = ReadGate::new();
-        let mut r = Scripted {
-            polls: AtomicUsize::new(0),
-            waker: None,
-        };
+        let mut r = Scripted::default();
         let task = futures::task::noop_waker();
         let mut cx = Context::from_waker(&task);
 
         assert_eq!(gate.poll(&mut cx, |c| r.poll(c, Some(1))), Poll::Ready(1));
         // Ready leaves the gate open: the next poll reaches the reader.
         assert_eq!(gate.poll(&mut cx, |c| r.poll(c, None)), Poll::Pending);
-        assert_eq!(r.polls.load(Ordering::Relaxed), 2);
+        assert_eq!(r.polls, 2);
         // No wake since: skipped, however often the task is polled.
         for _ in 0..5 {
             assert_eq!(gate.poll(&mut cx, |c| r.poll(c, Some(9))), Poll::Pending);
         }
-        assert_eq!(r.polls.load(Ordering::Relaxed), 2);
+        assert_eq!(r.polls, 2);
         // The reader's waker fires: the next poll reaches it.
         r.waker.take().expect("the reader got a waker").wake();
         assert_eq!(gate.poll(&mut cx, |c| r.poll(c, Some(3))), Poll::Ready(3));
-        assert_eq!(r.polls.load(Ordering::Relaxed), 3);
+        assert_eq!(r.polls, 3);
     }
 
     #[test]
@@ -137,10 +147,7 @@ mod tests {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let task = Waker::from(count.clone());
         let mut gate = ReadGate::new();
-        let mut r = Scripted {
-            polls: AtomicUsize::new(0),
-            waker: None,
-        };
+        let mut r = Scripted::default();
         let mut cx = Context::from_waker(&task);
         assert_eq!(gate.poll(&mut cx, |c| r.poll(c, None)), Poll::Pending);
         r.waker.take().expect("the reader got a waker").wake();
