@@ -20,8 +20,10 @@ pub enum CronError {
     /// Not a cron expression `croner` accepts (the text says which part).
     #[error("invalid cron expression {expr:?}: {why} (use 5 fields \"min hour day month weekday\", or 6 with a leading seconds field, in UTC)")]
     Invalid { expr: String, why: String },
-    /// A valid expression that never matches (e.g. `0 0 30 2 *`).
-    #[error("cron expression {0:?} never matches a time")]
+    /// A valid expression with no due time within the next eight years: one that never
+    /// matches (e.g. `0 0 30 2 *`), or a rarer one (a fifth Friday of February that is also
+    /// its last day, next in 2036). The search looks no further, to stay cheap.
+    #[error("cron expression {0:?} has no due time within the next eight years")]
     NeverDue(String),
     /// A SUBMIT_JOB_SCHED field holding more than one cron field.
     #[error("SUBMIT_JOB_SCHED {field} field {value:?} must be one cron field (a number, *, a range or a list), without spaces")]
@@ -38,6 +40,12 @@ pub struct CronExpr {
 impl CronExpr {
     /// Parses 5 fields, or 6 with a leading seconds field; times are UTC.
     pub fn parse(text: &str) -> Result<CronExpr, CronError> {
+        Self::parse_with_next(text, now_unix()).map(|(expr, _)| expr)
+    }
+
+    /// [`CronExpr::parse`], and the first due time after `now`: refusing an expression that
+    /// would fail at every wake-up takes that search, so it is not done twice.
+    fn parse_with_next(text: &str, now: u64) -> Result<(CronExpr, u64), CronError> {
         let fields = text.split_ascii_whitespace().count();
         if !(fields == 5 || fields == 6 || text.trim_start().starts_with('@')) {
             return Err(CronError::Invalid {
@@ -74,12 +82,12 @@ impl CronExpr {
         // 5000 before it says so: 16-94 ms of CPU, per SUBMIT_JOB_SCHED packet from anyone.
         // Checking the dates of the next eight years first (every leap day included, 2,923
         // cheap tests) refuses it in microseconds; what passes has a due time within them.
-        if !expr.matches_a_date_within_eight_years(now_unix()) {
+        if !expr.matches_a_date_within_eight_years(now) {
             return Err(CronError::NeverDue(expr.text.clone()));
         }
         // Refuse at once what would otherwise fail at every wake-up.
-        expr.next_after(now_unix())?;
-        Ok(expr)
+        let next = expr.next_after(now)?;
+        Ok((expr, next))
     }
 
     /// Whether a day of the next eight years (from `t`) matches the date fields and has a
@@ -163,7 +171,7 @@ pub fn next_sched_epoch(fields: [&[u8]; 5], now: u64) -> Result<u64, CronError> 
             parts.push(s);
         }
     }
-    CronExpr::parse(&parts.join(" "))?.next_after(now)
+    CronExpr::parse_with_next(&parts.join(" "), now).map(|(_, next)| next)
 }
 
 /// The wall clock as Unix seconds (due times and the last run are wall-clock times, in UTC).
@@ -242,6 +250,13 @@ mod tests {
         assert!(rfc3339(leap.next_after(T).unwrap()).starts_with("2028-02-29"));
         // A restricted day of week with an impossible day of month still matches (either).
         assert!(CronExpr::parse("0 0 30 2 1").is_ok());
+        // Due, but not within eight years (the last day of February 2036 is its fifth
+        // Friday): refused, and the error says how far the search looked.
+        let e = CronExpr::parse_with_next("0 0 L 2 +5#5", T).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cron expression \"0 0 L 2 +5#5\" has no due time within the next eight years"
+        );
     }
 
     /// The gearman_stream fuzz target's input (a SUBMIT_JOB_SCHED with the hour field `,`)
