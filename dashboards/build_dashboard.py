@@ -245,6 +245,8 @@ timeseries("Protocol errors and admin commands", "Requests refused or connection
 timeseries("Engine lock hold time", "How long each critical section held the engine lock: it stays short whatever the queue size (big listings take it a page at a time)",
            [(f"histogram_quantile(0.99, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p99"),
             (f"histogram_quantile(0.5, sum by (le) (rate(gearhouse_engine_lock_hold_seconds_bucket[{R}])))", "p50")], unit="s", w=8)
+timeseries("Connection turns cut", "Times a connection used server.turn_budget_us on its pipelined requests and yielded its thread to the other connections: a steady rate means some peer sends costly requests (SUBMIT_JOB_SCHED cron searches) faster than one turn handles them",
+           [(f"sum(rate(gearhouse_connection_turns_cut_total[{R}]))", "turns cut")], unit="short", w=8)
 timeseries("Queue entries, live and stale", "Entries in the priority queues (gearhouse_engine_queue_entries) next to the jobs queued: entries left by jobs that ended while queued are compacted once they outnumber the live ones",
            [("sum(gearhouse_engine_queue_entries)", "queue entries"),
             (f"sum(gearhouse_queue_depth{{{F}}})", "queued jobs")], w=8)

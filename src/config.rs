@@ -64,6 +64,8 @@ pub struct ServerSection {
     pub admin_networks: Vec<String>,
     pub admin_read_networks: Vec<String>,
     pub max_unsent_bytes: usize,
+    /// Time one connection may spend handling its requests before it lets the others run.
+    pub turn_budget_us: u64,
     pub shutdown_timeout_ms: u64,
     /// Runtime threads serving connections; 0 = one per core.
     pub worker_threads: usize,
@@ -375,6 +377,12 @@ impl Config {
         if self.server.max_unsent_bytes < 64 * 1024 {
             return bad("server.max_unsent_bytes", "must be at least 65536");
         }
+        if !(100..=1_000_000).contains(&self.server.turn_budget_us) {
+            return bad(
+                "server.turn_budget_us",
+                "must be between 100 and 1000000 (microseconds)",
+            );
+        }
         if let Err(e) = Access::new(&self.access.rules) {
             return Err(ConfigError::Invalid {
                 key: "access.rules",
@@ -520,6 +528,7 @@ impl Config {
                 .filter_map(|n| n.parse().ok())
                 .collect(),
             max_unsent_bytes: s.max_unsent_bytes,
+            turn_budget: Duration::from_micros(s.turn_budget_us),
             shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
             keepalive: self.keepalive(),
             access: std::sync::Arc::new(

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub access_denied: IntCounterVec,
     /// How long each critical section held the engine lock.
     pub engine_lock_hold_seconds: Histogram,
+    /// Connection turns ended by `server.turn_budget_us` (the task then yielded).
+    pub turns_cut: IntCounter,
     // Gauges filled from the engine at scrape time (names kept from the gearmand exporter).
     pub up: IntGauge,
     pub version_info: IntGaugeVec,
@@ -282,6 +284,7 @@ impl Metrics {
             admin_commands: counter_vec(&r, "gearhouse_admin_commands_total", "Admin text commands, by command and outcome", &["command", "outcome"]),
             tls_handshakes: counter_vec(&r, "gearhouse_tls_handshakes_total", "TLS handshakes on the Gearman port, by result (ok, failed, timeout)", &["result"]),
             tls_reloads: counter_vec(&r, "gearhouse_tls_reloads_total", "TLS certificate reloads on SIGHUP, by result (ok, failed: the previous certificate stays)", &["result"]),
+            turns_cut: counter(&r, "gearhouse_connection_turns_cut_total", "Times a connection used server.turn_budget_us handling its pipelined requests and yielded its runtime thread to the others before reading on"),
             access_denied: counter_vec(&r, "gearhouse_access_denied_total", "Requests refused by the access rules (access.rules), by action (submit, register, admin)", &["action"]),
             up: gauge(&r, "gearman_up", "1 while the server answers"),
             version_info: gauge_vec(&r, "gearman_version_info", "Server version", &["version"]),

@@ -211,3 +211,51 @@ async fn the_abandoned_foreground_job_loop_leaves_no_memory_behind() {
     // Without compaction the entries alone would be 8 bytes x 360,000 after the warm-up round.
     assert!(grew_mib < 2.0, "memory grew by {grew_mib:.1} MiB");
 }
+
+/// A SUBMIT_JOB_SCHED packet costs a cron search in the connection's task (croner's parse and
+/// next-time search: about 200 us for the last weekday of March falling on a Thursday). A peer
+/// that pipelines thousands of them into a server with one runtime thread must not hold that
+/// thread: another client's round trip stays under 50 ms meanwhile, and every packet is still
+/// answered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_pipelining_costly_sched_packets_stalls_nobody() {
+    const PACKETS: usize = 15_000;
+    let srv = BinServer::start(&[], &[("GEARHOUSE_SERVER__WORKER_THREADS", "1")]);
+    let mut flood = Connection::connect(srv.addr()).await.unwrap();
+    for i in 0..PACKETS {
+        let data = format!("sched-{i:05}");
+        let fields: [&[u8]; 8] = [b"later", b"", b"", b"", b"lW", b"3", b"+4", data.as_bytes()];
+        flood.put(PacketType::SUBMIT_JOB_SCHED, &fields);
+    }
+    let flooder = tokio::spawn(async move {
+        let t = Instant::now();
+        flood.flush().await.unwrap();
+        for _ in 0..PACKETS {
+            assert_eq!(flood.recv().await.unwrap().kind, PacketType::JOB_CREATED);
+        }
+        t.elapsed()
+    });
+
+    let mut probe = Conn::connect(srv.addr()).await;
+    let (mut worst, mut probes) = (Duration::ZERO, 0);
+    while !flooder.is_finished() {
+        let t = Instant::now();
+        probe.send(PacketType::ECHO_REQ, &[b"ping"]).await;
+        probe.expect(PacketType::ECHO_RES).await;
+        worst = worst.max(t.elapsed());
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = flooder.await.unwrap();
+    let yields = metric_at(srv.http_addr(), "gearhouse_connection_turns_cut_total").await;
+    println!(
+        "{PACKETS} SUBMIT_JOB_SCHED pipelined in {took:?} ({:.0} us each); {probes} round trips meanwhile, worst {worst:?}; {yields} turns cut",
+        took.as_secs_f64() * 1e6 / PACKETS as f64
+    );
+    assert!(probes >= 5, "only {probes} round trips during the flood");
+    assert!(
+        worst < Duration::from_millis(50),
+        "a round trip took {worst:?} while a peer pipelined SUBMIT_JOB_SCHED"
+    );
+    assert!(yields >= 1.0, "no turn was cut: {yields}");
+}

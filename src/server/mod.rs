@@ -48,6 +48,9 @@ pub struct ServerConfig {
     /// Unsent output above which a connection's requests are not read until it drains
     /// (`server.max_unsent_bytes`).
     pub max_unsent_bytes: usize,
+    /// Time a connection's turn may spend on requests before the task yields its runtime thread
+    /// (`server.turn_budget_us`).
+    pub turn_budget: Duration,
     /// How long a closing connection may take to write what it still owes its peer.
     pub shutdown_timeout: Duration,
     /// TCP keepalive on accepted connections (`server.keepalive*`), if on.
@@ -415,14 +418,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         Read::Failed(e) => return Close::Framing(e),
                         Read::Eof => return Close::Peer,
                     };
+                    let turn = std::time::Instant::now();
                     if let Some(close) = self.handle(frame).await {
                         return close;
                     }
                     // Handle whatever else is already readable, then write once; but read no
                     // further while a listing is pending or the peer already owes us a lot of
-                    // reading (its requests wait in the socket: TCP pushes back on it).
+                    // reading (its requests wait in the socket: TCP pushes back on it), or once
+                    // the turn has used its time (frames from the buffer cost tokio's
+                    // cooperative budget nothing, so without this a peer pipelining costly
+                    // requests would hold its runtime thread for seconds).
+                    let mut cut = false;
                     for _ in 0..FRAMES_PER_FLUSH {
                         if self.listing.is_some() || self.unsent() >= self.cfg.max_unsent_bytes {
+                            break;
+                        }
+                        if turn.elapsed() >= self.cfg.turn_budget {
+                            cut = true;
                             break;
                         }
                         match self.gate.now(|cx| self.framed.poll_next_unpin(cx)) {
@@ -449,6 +461,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.drain_outbound();
                     if let Some(close) = self.write_out(shutdown).await {
                         return close;
+                    }
+                    if cut {
+                        // The frames left in the read buffer are read at the next turn (the
+                        // gate stays open for them), after the other tasks have had theirs.
+                        self.engine.metrics().turns_cut.inc();
+                        tokio::task::yield_now().await;
                     }
                 }
                 Some(pkt) = self.rx.recv() => {
