@@ -157,6 +157,44 @@ fn echo(addr: SocketAddr) {
     }
 }
 
+/// Starts `program` with the arguments `args(port, http_port)` gives for two ports picked free,
+/// and waits until it accepts on the first. `free_port` releases what it picked, so another
+/// process can take a port before the server binds it (then the server gives up after its bind
+/// retries and nothing listens): a server that exits before it accepts is started again on other
+/// ports, three times at most.
+fn start_listening(
+    program: &Path,
+    args: impl Fn(u16, u16) -> Vec<String>,
+    env: &[(&str, &str)],
+) -> (Proc, u16, u16) {
+    for attempt in 1..=3 {
+        let (port, http) = (free_port(), free_port());
+        let argv = args(port, http);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut p = Proc::start(program, &argv, env);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (p, port, http);
+            }
+            if let Some(status) = p.child.try_wait().unwrap() {
+                eprintln!(
+                    "attempt {attempt}: exited ({status:?}) before accepting on {port}:\n{}",
+                    p.stderr()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not accepting on {port}:\n{}",
+                p.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("the server exited before accepting, three times");
+}
+
 fn wait_listening(addr: SocketAddr) {
     eventually(&format!("{addr} to accept"), || {
         TcpStream::connect(addr).is_ok()
@@ -282,35 +320,38 @@ fn started_as_gearmand_it_reads_gearmands_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let gearmand = dir.path().join("gearmand");
     std::os::unix::fs::symlink(BIN, &gearmand).unwrap();
-    let (port, http) = (free_port(), free_port());
     let pid = dir.path().join("g.pid");
-    let p = Proc::start(
+    let (p, port, http) = start_listening(
         &gearmand,
-        &[
-            "-p",
-            &port.to_string(),
-            "-L",
-            "127.0.0.1",
-            "--verbose",
-            "INFO",
-            "-l",
-            "stderr",
-            "-P",
-            pid.to_str().unwrap(),
-            "-r",
-            "http",
-            "--http-port",
-            &http.to_string(),
-            "-R",
-            "-w",
-            "0",
-            "--keepalive",
-            "--keepalive-idle",
-            "-1",
-        ],
+        |port, http| {
+            let (port, http) = (port.to_string(), http.to_string());
+            [
+                "-p",
+                &port,
+                "-L",
+                "127.0.0.1",
+                "--verbose",
+                "INFO",
+                "-l",
+                "stderr",
+                "-P",
+                pid.to_str().unwrap(),
+                "-r",
+                "http",
+                "--http-port",
+                &http,
+                "-R",
+                "-w",
+                "0",
+                "--keepalive",
+                "--keepalive-idle",
+                "-1",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
         &[],
     );
-    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
     echo(SocketAddr::from(([127, 0, 0, 1], port)));
     // -r http --http-port: the HTTP listener (health, metrics) is on that port.
     let mut h = TcpStream::connect(("127.0.0.1", http)).unwrap();
@@ -601,23 +642,26 @@ fn dash_u_switches_user_after_binding() {
         "{err}"
     );
 
-    let port = free_port();
-    let p = Proc::start(
+    let (p, port, _) = start_listening(
         Path::new(BIN),
-        &[
-            "serve",
-            "-u",
-            "nobody",
-            "-p",
-            &port.to_string(),
-            "-L",
-            "127.0.0.1",
-            "--http",
-            "127.0.0.1:0",
-        ],
+        |port, _| {
+            let port = port.to_string();
+            [
+                "serve",
+                "-u",
+                "nobody",
+                "-p",
+                &port,
+                "-L",
+                "127.0.0.1",
+                "--http",
+                "127.0.0.1:0",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
         &[],
     );
-    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
     echo(SocketAddr::from(([127, 0, 0, 1], port)));
     let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
     let uid = status
