@@ -172,24 +172,17 @@ fn start_listening(
         let argv = args(port, http);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let mut p = Proc::start(program, &argv, env);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (p, port, http);
-            }
-            if let Some(status) = p.child.try_wait().unwrap() {
-                eprintln!(
-                    "attempt {attempt}: exited ({status:?}) before accepting on {port}:\n{}",
-                    p.stderr()
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not accepting on {port}:\n{}",
+        let mut exited = None;
+        eventually(&format!("127.0.0.1:{port} to accept"), || {
+            exited = p.child.try_wait().unwrap();
+            exited.is_some() || TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        match exited {
+            None => return (p, port, http),
+            Some(status) => eprintln!(
+                "attempt {attempt}: exited ({status:?}) before accepting on {port}:\n{}",
                 p.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
     panic!("the server exited before accepting, three times");

@@ -433,14 +433,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         if self.listing.is_some() || self.unsent() >= self.cfg.max_unsent_bytes {
                             break;
                         }
-                        if turn.elapsed() >= self.cfg.turn_budget {
-                            cut = true;
-                            break;
-                        }
                         match self.gate.now(|cx| self.framed.poll_next_unpin(cx)) {
                             Some(Some(Ok(f))) => {
                                 if let Some(close) = self.handle(f).await {
                                     return close;
+                                }
+                                // Timed after a frame, not before each read: a turn that
+                                // finds nothing more to read reads no clock for it.
+                                if turn.elapsed() >= self.cfg.turn_budget {
+                                    cut = true;
+                                    break;
                                 }
                             }
                             Some(Some(Err(e))) => return Close::Framing(e),
