@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::pki::Pki;
 use common::process::Proc;
-use common::server::{free_port, BinServer};
+use common::{free_port, BinServer};
 use gearhouse::client::{is_listing, PacketReader};
 use gearhouse::codec::{put_packet, PacketType, MAGIC_REQ};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};

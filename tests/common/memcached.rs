@@ -1,6 +1,8 @@
 //! Real memcached processes on free loopback ports, killed on drop (the persistence mirror's
 //! storage in tests).
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,24 +16,38 @@ pub struct Memcached {
 }
 
 impl Memcached {
-    /// Starts memcached with `-M` (no eviction) and `mem_mb` of memory, plus `extra` flags.
+    /// Starts memcached with `-M` (no eviction) and `mem_mb` of memory, plus `extra` flags. A
+    /// picked port can be taken before memcached binds it: then it is started again on another.
     pub fn start(mem_mb: u32, extra: &[&str]) -> Memcached {
-        let port = free_port();
-        let mut args: Vec<String> = vec![
-            "-l".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-U".into(),
-            "0".into(),
-            "-m".into(),
-            mem_mb.to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_with(port, args)
+        let mut why = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut args: Vec<String> = vec![
+                "-l".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-U".into(),
+                "0".into(),
+                "-m".into(),
+                mem_mb.to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            match Self::try_start(port, args) {
+                Ok(m) => return m,
+                Err(e) => why.push(e),
+            }
+        }
+        panic!("memcached did not start: {why:?}");
     }
 
     fn start_with(port: u16, args: Vec<String>) -> Memcached {
+        Self::try_start(port, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Spawns memcached and waits until the process answering on `port` is this one (its
+    /// `stats` pid): something else listening there is not taken for it.
+    fn try_start(port: u16, args: Vec<String>) -> Result<Memcached, String> {
         let mut cmd = Command::new("memcached");
         cmd.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
         if unsafe { libc::geteuid() } == 0 {
@@ -40,15 +56,19 @@ impl Memcached {
         let child = cmd
             .spawn()
             .expect("memcached must be installed (scripts/install-test-deps.sh)");
+        let mut m = Memcached { child, port, args };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "memcached did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        loop {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                return Err(format!("memcached on port {port} exited: {status}"));
+            }
+            match stats_pid(port) {
+                Some(pid) if pid == m.child.id() => return Ok(m),
+                Some(pid) => return Err(format!("port {port} is pid {pid}'s memcached")),
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                None => return Err(format!("memcached did not start on port {port}")),
+            }
         }
-        Memcached { child, port, args }
     }
 
     pub fn addr(&self) -> String {
@@ -67,6 +87,24 @@ impl Memcached {
         let fresh = Self::start_with(self.port, self.args.clone());
         drop(std::mem::replace(self, fresh));
     }
+}
+
+/// The pid the memcached answering on `port` reports (`stats`), if one answers.
+fn stats_pid(port: u16) -> Option<u32> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"stats\r\n").ok()?;
+    let mut text = String::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.ok()?;
+        if let Some(pid) = line.strip_prefix("STAT pid ") {
+            text = pid.trim().to_string();
+        }
+        if line == "END" {
+            break;
+        }
+    }
+    text.parse().ok()
 }
 
 impl Drop for Memcached {

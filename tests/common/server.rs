@@ -11,7 +11,7 @@ use gearhouse::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Conn;
+use super::{free_port, Conn};
 
 /// A server running inside the test process.
 pub struct TestServer {
@@ -115,15 +115,6 @@ pub async fn http_request(
 /// Path of the built `gearhouse` binary.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_gearhouse"))
-}
-
-/// A free TCP port on loopback (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The real `gearhouse` binary as a child process; killed on drop.
