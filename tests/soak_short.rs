@@ -11,6 +11,8 @@
 mod cluster;
 #[path = "../benches/soak/ledger.rs"]
 mod ledger;
+#[path = "common/ports.rs"]
+mod ports;
 #[path = "../benches/soak/report.rs"]
 mod report;
 // The benchmark's `--server` mode (`Target::External`) is not used here.

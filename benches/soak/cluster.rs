@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ports::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -31,14 +32,6 @@ pub enum ClusterError {
         secs: u64,
         log: String,
     },
-}
-
-/// A free TCP port on loopback (bound then released; the soak is the only user of its ports).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// One memcached node, started as `memcached -M -m MB -U 0` on a loopback port; killed on drop.

@@ -16,6 +16,10 @@
 
 mod cluster;
 mod ledger;
+// Ports below the kernel's ephemeral range: a memcached node restarted on its port cannot find
+// it taken by a churning client's outgoing connection.
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod report;
 mod scenario;
 
