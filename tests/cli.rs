@@ -153,37 +153,6 @@ fn echo(addr: SocketAddr) {
     }
 }
 
-/// Starts `program` with the arguments `args(port, http_port)` gives for two ports picked free,
-/// and waits until it accepts on the first. `free_port` releases what it picked, so another
-/// process can take a port before the server binds it (then the server gives up after its bind
-/// retries and nothing listens): a server that exits before it accepts is started again on other
-/// ports, three times at most.
-fn start_listening(
-    program: &Path,
-    args: impl Fn(u16, u16) -> Vec<String>,
-    env: &[(&str, &str)],
-) -> (Proc, u16, u16) {
-    for attempt in 1..=3 {
-        let (port, http) = (free_port(), free_port());
-        let argv = args(port, http);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let mut p = Proc::start(program, &argv, env);
-        let mut exited = None;
-        eventually(&format!("127.0.0.1:{port} to accept"), || {
-            exited = p.child.try_wait().unwrap();
-            exited.is_some() || TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        match exited {
-            None => return (p, port, http),
-            Some(status) => eprintln!(
-                "attempt {attempt}: exited ({status:?}) before accepting on {port}:\n{}",
-                p.stderr()
-            ),
-        }
-    }
-    panic!("the server exited before accepting, three times");
-}
-
 fn wait_listening(addr: SocketAddr) {
     eventually(&format!("{addr} to accept"), || {
         TcpStream::connect(addr).is_ok()
@@ -309,38 +278,35 @@ fn started_as_gearmand_it_reads_gearmands_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let gearmand = dir.path().join("gearmand");
     std::os::unix::fs::symlink(BIN, &gearmand).unwrap();
+    let (port, http) = (free_port(), free_port());
     let pid = dir.path().join("g.pid");
-    let (p, port, http) = start_listening(
+    let p = Proc::start(
         &gearmand,
-        |port, http| {
-            let (port, http) = (port.to_string(), http.to_string());
-            [
-                "-p",
-                &port,
-                "-L",
-                "127.0.0.1",
-                "--verbose",
-                "INFO",
-                "-l",
-                "stderr",
-                "-P",
-                pid.to_str().unwrap(),
-                "-r",
-                "http",
-                "--http-port",
-                &http,
-                "-R",
-                "-w",
-                "0",
-                "--keepalive",
-                "--keepalive-idle",
-                "-1",
-            ]
-            .map(String::from)
-            .to_vec()
-        },
+        &[
+            "-p",
+            &port.to_string(),
+            "-L",
+            "127.0.0.1",
+            "--verbose",
+            "INFO",
+            "-l",
+            "stderr",
+            "-P",
+            pid.to_str().unwrap(),
+            "-r",
+            "http",
+            "--http-port",
+            &http.to_string(),
+            "-R",
+            "-w",
+            "0",
+            "--keepalive",
+            "--keepalive-idle",
+            "-1",
+        ],
         &[],
     );
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
     echo(SocketAddr::from(([127, 0, 0, 1], port)));
     // -r http --http-port: the HTTP listener (health, metrics) is on that port.
     let mut h = TcpStream::connect(("127.0.0.1", http)).unwrap();
@@ -631,26 +597,23 @@ fn dash_u_switches_user_after_binding() {
         "{err}"
     );
 
-    let (p, port, _) = start_listening(
+    let port = free_port();
+    let p = Proc::start(
         Path::new(BIN),
-        |port, _| {
-            let port = port.to_string();
-            [
-                "serve",
-                "-u",
-                "nobody",
-                "-p",
-                &port,
-                "-L",
-                "127.0.0.1",
-                "--http",
-                "127.0.0.1:0",
-            ]
-            .map(String::from)
-            .to_vec()
-        },
+        &[
+            "serve",
+            "-u",
+            "nobody",
+            "-p",
+            &port.to_string(),
+            "-L",
+            "127.0.0.1",
+            "--http",
+            "127.0.0.1:0",
+        ],
         &[],
     );
+    wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
     echo(SocketAddr::from(([127, 0, 0, 1], port)));
     let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
     let uid = status

@@ -438,8 +438,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 if let Some(close) = self.handle(f).await {
                                     return close;
                                 }
-                                // Timed after a frame, not before each read: a turn that
-                                // finds nothing more to read reads no clock for it.
+                                // The clock is read after each frame only: a turn that
+                                // finds nothing more to read reads none.
                                 if turn.elapsed() >= self.cfg.turn_budget {
                                     cut = true;
                                     break;

@@ -16,38 +16,26 @@ pub struct Memcached {
 }
 
 impl Memcached {
-    /// Starts memcached with `-M` (no eviction) and `mem_mb` of memory, plus `extra` flags. A
-    /// picked port can be taken before memcached binds it: then it is started again on another.
+    /// Starts memcached with `-M` (no eviction) and `mem_mb` of memory, plus `extra` flags.
     pub fn start(mem_mb: u32, extra: &[&str]) -> Memcached {
-        let mut why = Vec::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let mut args: Vec<String> = vec![
-                "-l".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-U".into(),
-                "0".into(),
-                "-m".into(),
-                mem_mb.to_string(),
-            ];
-            args.extend(extra.iter().map(|s| s.to_string()));
-            match Self::try_start(port, args) {
-                Ok(m) => return m,
-                Err(e) => why.push(e),
-            }
-        }
-        panic!("memcached did not start: {why:?}");
-    }
-
-    fn start_with(port: u16, args: Vec<String>) -> Memcached {
-        Self::try_start(port, args).unwrap_or_else(|e| panic!("{e}"))
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "-l".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-U".into(),
+            "0".into(),
+            "-m".into(),
+            mem_mb.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(port, args)
     }
 
     /// Spawns memcached and waits until the process answering on `port` is this one (its
     /// `stats` pid): something else listening there is not taken for it.
-    fn try_start(port: u16, args: Vec<String>) -> Result<Memcached, String> {
+    fn start_with(port: u16, args: Vec<String>) -> Memcached {
         let mut cmd = Command::new("memcached");
         cmd.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
         if unsafe { libc::geteuid() } == 0 {
@@ -60,14 +48,17 @@ impl Memcached {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = m.child.try_wait().unwrap() {
-                return Err(format!("memcached on port {port} exited: {status}"));
+                panic!("memcached on port {port} exited: {status}");
             }
             match stats_pid(port) {
-                Some(pid) if pid == m.child.id() => return Ok(m),
-                Some(pid) => return Err(format!("port {port} is pid {pid}'s memcached")),
-                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-                None => return Err(format!("memcached did not start on port {port}")),
+                Some(pid) if pid == m.child.id() => return m,
+                Some(pid) => panic!("port {port} is pid {pid}'s memcached, not ours"),
+                None => assert!(
+                    Instant::now() < deadline,
+                    "memcached did not start on port {port}"
+                ),
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -89,22 +80,18 @@ impl Memcached {
     }
 }
 
-/// The pid the memcached answering on `port` reports (`stats`), if one answers.
+/// The pid the memcached answering on `port` reports (`stats`), if one answers. Synchronous,
+/// unlike the crate's `persist::client::Connection::stats`: the harness starts memcached from
+/// plain and async tests alike.
 fn stats_pid(port: u16) -> Option<u32> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"stats\r\n").ok()?;
-    let mut text = String::new();
-    for line in BufReader::new(s).lines() {
-        let line = line.ok()?;
-        if let Some(pid) = line.strip_prefix("STAT pid ") {
-            text = pid.trim().to_string();
-        }
-        if line == "END" {
-            break;
-        }
-    }
-    text.parse().ok()
+    BufReader::new(s)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| l != "END")
+        .find_map(|l| l.strip_prefix("STAT pid ")?.trim().parse().ok())
 }
 
 impl Drop for Memcached {

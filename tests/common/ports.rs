@@ -18,9 +18,14 @@ const LOW: u16 = 10_000;
 
 /// A free TCP port on loopback (bound then released), below the ephemeral range.
 pub fn free_port() -> u16 {
-    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
-    let high = ephemeral_start();
-    if high < LOW + 1_000 {
+    // (ports in the sequence, the sequence), from the range read once per process.
+    static SEQUENCE: OnceLock<(u32, AtomicU32)> = OnceLock::new();
+    let (span, next) = SEQUENCE.get_or_init(|| {
+        let span = u32::from(ephemeral_start().saturating_sub(LOW));
+        let start = RandomState::new().hash_one(std::process::id()) as u32;
+        (span, AtomicU32::new(start))
+    });
+    if *span < 1_000 {
         // An unusual ephemeral range: leave the choice to the kernel.
         return TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -28,16 +33,13 @@ pub fn free_port() -> u16 {
             .unwrap()
             .port();
     }
-    let span = u32::from(high - LOW);
-    let next =
-        NEXT.get_or_init(|| AtomicU32::new(RandomState::new().hash_one(std::process::id()) as u32));
-    for _ in 0..span {
+    for _ in 0..*span {
         let port = LOW + (next.fetch_add(1, Ordering::Relaxed) % span) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free loopback port in {LOW}..{high}");
+    panic!("no free loopback port from {LOW} up to the ephemeral range");
 }
 
 /// The first port of the kernel's ephemeral range.

@@ -126,22 +126,6 @@ pub struct BinServer {
 }
 
 impl BinServer {
-    /// [`BinServer::start`], tried again when the server exits at once: the harness picks free
-    /// ports by binding and releasing them, so a parallel test can take one before the server
-    /// binds it.
-    pub fn start_retrying(args: &[&str], env: &[(&str, &str)]) -> BinServer {
-        for _ in 0..2 {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                BinServer::start(args, env)
-            }));
-            if let Ok(s) = r {
-                return s;
-            }
-            eprintln!("server did not start (port taken?); trying again on other ports");
-        }
-        BinServer::start(args, env)
-    }
-
     /// Starts `gearhouse serve` with `extra` arguments and `env`, and waits until it is ready.
     pub fn start(extra: &[&str], env: &[(&str, &str)]) -> BinServer {
         Self::start_on(free_port(), free_port(), extra, env)
@@ -166,7 +150,8 @@ impl BinServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        // A port taken by a parallel test fails at once (start_retrying picks another).
+        // A port taken anyway (the tests' ports are picked below the ephemeral range, so only
+        // by a process outside them) fails at once, not after the server's bind retries.
         cmd.env("GEARHOUSE_SERVER__BIND_RETRY_MS", "0");
         for (k, v) in env {
             cmd.env(k, v);

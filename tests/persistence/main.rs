@@ -28,7 +28,7 @@ fn start_server(node_id: &str, nodes: &[&Memcached], env: &[(&str, &str)]) -> Bi
     let list = memcached_list(nodes);
     let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
     e.extend_from_slice(env);
-    BinServer::start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
+    BinServer::start(&["--node-id", node_id, "--memcached", &list], &e)
 }
 
 fn memcached_list(nodes: &[&Memcached]) -> String {
@@ -44,7 +44,7 @@ async fn start_server_async(
     tokio::task::spawn_blocking(move || {
         let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
         e.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
-        BinServer::start_retrying(&["--node-id", node_id, "--memcached", &list], &e)
+        BinServer::start(&["--node-id", node_id, "--memcached", &list], &e)
     })
     .await
     .unwrap()

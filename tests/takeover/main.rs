@@ -52,7 +52,7 @@ async fn start(node_id: &str, list: &str, takeover_after: u32, env: &[(&str, &st
         let t = takeover_after.to_string();
         let mut e: Vec<(&str, &str)> = vec![("GEARHOUSE_PERSISTENCE__REPAIR_INTERVAL_MS", "200")];
         e.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        BinServer::start_retrying(
+        BinServer::start(
             &[
                 "--node-id",
                 &node_id,
